@@ -1,0 +1,1 @@
+"""Triton kernels of triton-adam (installed as ``triton_adam.kernels``)."""

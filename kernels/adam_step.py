@@ -1,0 +1,276 @@
+"""Multi-tensor Adam/AdamW step: two Triton kernels and their launchers.
+
+One launch updates every tensor of a bucket (same device, dtypes and flags), whatever its size or
+count. The host keeps four device tables per bucket (see ``triton_adam/_plan.py``):
+
+* ``tensor_table`` int64 ``[n_tensors, TABLE_WIDTH]``: addresses of param, exp_avg, exp_avg_sq,
+  max_exp_avg_sq (0 without amsgrad) and step, then numel and the param-group index;
+* ``grad_table`` int64 ``[n_tensors]``: grad addresses, kept apart because they change every step
+  under ``zero_grad(set_to_none=True)`` while everything else stays put;
+* ``block_map`` int32 ``[n_blocks, 2]``: (tensor index, block index inside that tensor) per program;
+* ``hyper_table`` float64 ``[n_groups, HYPER_WIDTH]``: lr, beta1, beta2, eps, weight_decay and
+  the group's decoupled_weight_decay and maximize flags (0 or 1), so groups that differ in any of
+  them still share one launch.
+
+``adam_coefficients_kernel`` runs first (one lane per tensor): it advances each tensor's step and
+derives that tensor's scalars in float64, rounding each once to float32 as torch does with its
+Python-double scalars, into ``coef_table`` float32 ``[n_tensors, COEF_WIDTH]``.
+``adam_step_kernel`` then streams the elements.
+"""
+import triton
+import triton.language as tl
+
+# tensor_table columns
+# (tl.constexpr so that kernels may read them; int() them for torch indexing)
+COL_PARAM, COL_EXP_AVG, COL_EXP_AVG_SQ, COL_MAX_EXP_AVG_SQ, COL_STEP, COL_NUMEL, COL_GROUP = map(
+    tl.constexpr, range(7))
+TABLE_WIDTH = tl.constexpr(8)
+# hyper_table columns
+HYP_LR, HYP_BETA1, HYP_BETA2, HYP_EPS, HYP_WEIGHT_DECAY, HYP_DECOUPLED, HYP_MAXIMIZE = map(
+    tl.constexpr, range(7))
+HYPER_WIDTH = tl.constexpr(8)
+# coef_table columns
+(COEF_ONE_MINUS_BETA1, COEF_BETA2, COEF_ONE_MINUS_BETA2, COEF_EPS, COEF_NEG_STEP_SIZE,
+ COEF_BC2_SQRT, COEF_PARAM_SCALE, COEF_L2, COEF_GRAD_SIGN) = map(tl.constexpr, range(9))
+COEF_WIDTH = tl.constexpr(12)
+
+COEF_BLOCK = 128  # tensors per program of the coefficient kernel
+# Steps are float32 in torch's state format, exact up to 2**24; 32 squarings cover any int32 step.
+_STEP_BITS = tl.constexpr(32)
+
+
+@triton.jit
+def _pow_int(base, exponent, N_BITS: tl.constexpr):
+    """base ** exponent (exponent an int32 tensor >= 0) by repeated squaring, in base's dtype."""
+    result = tl.full(base.shape, 1.0, base.dtype)
+    for bit in tl.static_range(N_BITS):
+        result = tl.where(((exponent >> bit) & 1) != 0, result * base, result)
+        base = base * base
+    return result
+
+
+@triton.jit
+def adam_coefficients_kernel(
+    tensor_table, hyper_table, coef_table, found_inf_ptr, n_tensors,
+    HAS_FOUND_INF: tl.constexpr, BLOCK: tl.constexpr,
+):
+    """Advance ``step`` of each tensor and write its float32 update scalars.
+
+    Reads per tensor 2 table entries, its group's 7 float64 hyperparameters and its float32 step;
+    writes the step (unless ``found_inf`` is set) and COEF_WIDTH float32 scalars.
+    """
+    rows = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
+    row_in_range = rows < n_tensors
+    rows64 = rows.to(tl.int64)
+    step_ptr = tl.load(tensor_table + rows64 * TABLE_WIDTH + COL_STEP, mask=row_in_range, other=0)
+    step_ptr = step_ptr.to(tl.pointer_type(tl.float32))
+    group = tl.load(tensor_table + rows64 * TABLE_WIDTH + COL_GROUP, mask=row_in_range, other=0)
+    hyper = hyper_table + group * HYPER_WIDTH
+    lr = tl.load(hyper + HYP_LR, mask=row_in_range, other=0.0)
+    beta1 = tl.load(hyper + HYP_BETA1, mask=row_in_range, other=0.0)
+    beta2 = tl.load(hyper + HYP_BETA2, mask=row_in_range, other=0.0)
+    eps = tl.load(hyper + HYP_EPS, mask=row_in_range, other=0.0)
+    weight_decay = tl.load(hyper + HYP_WEIGHT_DECAY, mask=row_in_range, other=0.0)
+    decoupled = tl.load(hyper + HYP_DECOUPLED, mask=row_in_range, other=0.0) != 0.0
+    maximize = tl.load(hyper + HYP_MAXIMIZE, mask=row_in_range, other=0.0) != 0.0
+
+    step_taken = row_in_range
+    if HAS_FOUND_INF:
+        # A GradScaler overflow skips the whole update: the step count stays as it was.
+        step_taken = step_taken & (tl.load(found_inf_ptr) == 0)
+    step = tl.load(step_ptr, mask=step_taken, other=0.0) + 1.0
+    tl.store(step_ptr, step, mask=step_taken)
+
+    # float64 like torch's host-side Python scalars: 1 - beta**t cancels badly in float32.
+    t = step.to(tl.int32)
+    bias_correction1 = 1.0 - _pow_int(beta1, t, _STEP_BITS)
+    bias_correction2 = 1.0 - _pow_int(beta2, t, _STEP_BITS)
+    step_size = lr / tl.where(step_taken, bias_correction1, 1.0)
+    bc2_sqrt = tl.sqrt(bias_correction2)
+    # AdamW scales the param by 1 - lr*wd (exactly 1 when wd is 0); Adam adds wd*param to grad.
+    param_scale = tl.where(decoupled, 1.0 - lr * weight_decay, 1.0)
+    l2 = tl.where(decoupled, 0.0, weight_decay)
+
+    coef = coef_table + rows64 * COEF_WIDTH
+    tl.store(coef + COEF_ONE_MINUS_BETA1, (1.0 - beta1).to(tl.float32), mask=row_in_range)
+    tl.store(coef + COEF_BETA2, beta2.to(tl.float32), mask=row_in_range)
+    tl.store(coef + COEF_ONE_MINUS_BETA2, (1.0 - beta2).to(tl.float32), mask=row_in_range)
+    tl.store(coef + COEF_EPS, eps.to(tl.float32), mask=row_in_range)
+    tl.store(coef + COEF_NEG_STEP_SIZE, (-step_size).to(tl.float32), mask=row_in_range)
+    tl.store(coef + COEF_BC2_SQRT, bc2_sqrt.to(tl.float32), mask=row_in_range)
+    tl.store(coef + COEF_PARAM_SCALE, param_scale.to(tl.float32), mask=row_in_range)
+    tl.store(coef + COEF_L2, l2.to(tl.float32), mask=row_in_range)
+    tl.store(coef + COEF_GRAD_SIGN, tl.where(maximize, -1.0, 1.0).to(tl.float32), mask=row_in_range)
+
+
+@triton.jit
+def _store_rounded(ptr, value, mask, DTYPE: tl.constexpr):
+    """Store float32 ``value`` as DTYPE, rounding to nearest even.
+
+    bfloat16 is rounded with integer ops because Triton's interpreter truncates float32 -> bfloat16;
+    this way the interpreter and the GPU write the same bits (and match torch).
+    """
+    if DTYPE == tl.bfloat16:
+        bits = value.to(tl.uint32, bitcast=True)
+        rounded = (bits + 0x7FFF + ((bits >> 16) & 1)) >> 16
+        rounded = tl.where(value != value, 0x7FC0, rounded)  # keep NaN a NaN
+        tl.store(ptr, rounded.to(tl.uint16).to(tl.bfloat16, bitcast=True), mask=mask)
+    else:
+        tl.store(ptr, value.to(DTYPE), mask=mask)
+
+
+@triton.jit
+def _adam_block(
+    param_ptr, grad_ptr, exp_avg_ptr, exp_avg_sq_ptr, max_exp_avg_sq_ptr, offsets, mask,
+    one_minus_beta1, beta2, one_minus_beta2, eps, neg_step_size, bc2_sqrt, param_scale, l2,
+    grad_sign, grad_scale,
+    PARAM_DTYPE: tl.constexpr, STATE_DTYPE: tl.constexpr, AMSGRAD: tl.constexpr,
+    HAS_GRAD_SCALE: tl.constexpr,
+):
+    """Update one block of elements; ``mask`` is None for a full block (vectorisable loads).
+
+    The pointers already point at the block's first element, so ``offsets`` are int32 lanes.
+    """
+    param = tl.load(param_ptr + offsets, mask=mask).to(tl.float32)
+    grad = tl.load(grad_ptr + offsets, mask=mask).to(tl.float32)
+    exp_avg = tl.load(exp_avg_ptr + offsets, mask=mask).to(tl.float32)
+    exp_avg_sq = tl.load(exp_avg_sq_ptr + offsets, mask=mask).to(tl.float32)
+
+    # The operation order follows torch's single-tensor Adam, and division and square root are the
+    # IEEE round-to-nearest ones (Triton's default '/' is approximate on GPUs), so float32 results
+    # agree with torch to an ulp.
+    if HAS_GRAD_SCALE:
+        grad = tl.div_rn(grad, grad_scale)
+    grad = grad * grad_sign  # exact: maximize negates
+    param = param * param_scale
+    if l2 != 0.0:
+        grad = grad + l2 * param
+    # torch.lerp's two-sided formula, exact at weight 1.
+    if one_minus_beta1 < 0.5:
+        exp_avg = exp_avg + one_minus_beta1 * (grad - exp_avg)
+    else:
+        exp_avg = grad - (grad - exp_avg) * (1.0 - one_minus_beta1)
+    exp_avg_sq = exp_avg_sq * beta2
+    exp_avg_sq = exp_avg_sq + one_minus_beta2 * grad * grad
+    if AMSGRAD:
+        max_exp_avg_sq = tl.load(max_exp_avg_sq_ptr + offsets, mask=mask).to(tl.float32)
+        max_exp_avg_sq = tl.maximum(max_exp_avg_sq, exp_avg_sq)
+        _store_rounded(max_exp_avg_sq_ptr + offsets, max_exp_avg_sq, mask, STATE_DTYPE)
+        denom = tl.div_rn(tl.sqrt_rn(max_exp_avg_sq), bc2_sqrt) + eps
+    else:
+        denom = tl.div_rn(tl.sqrt_rn(exp_avg_sq), bc2_sqrt) + eps
+    param = param + neg_step_size * tl.div_rn(exp_avg, denom)
+
+    _store_rounded(param_ptr + offsets, param, mask, PARAM_DTYPE)
+    _store_rounded(exp_avg_ptr + offsets, exp_avg, mask, STATE_DTYPE)
+    _store_rounded(exp_avg_sq_ptr + offsets, exp_avg_sq, mask, STATE_DTYPE)
+
+
+@triton.jit
+def adam_step_kernel(
+    tensor_table, grad_table, block_map, coef_table, grad_scale_ptr, found_inf_ptr,
+    PARAM_DTYPE: tl.constexpr, GRAD_DTYPE: tl.constexpr, STATE_DTYPE: tl.constexpr,
+    AMSGRAD: tl.constexpr, HAS_GRAD_SCALE: tl.constexpr, HAS_FOUND_INF: tl.constexpr,
+    ALIGNED: tl.constexpr, BLOCK_SIZE: tl.constexpr, TILE_SIZE: tl.constexpr,
+):
+    """Adam/AdamW on BLOCK_SIZE elements of one tensor per program, in place.
+
+    Per element reads param, grad, exp_avg, exp_avg_sq (and max_exp_avg_sq with AMSGRAD), writes
+    param, exp_avg, exp_avg_sq (and max_exp_avg_sq): 28 B for float32 AdamW, 36 B with amsgrad,
+    14 B for bfloat16 params and states. The grad is not written back.
+    ALIGNED promises that every address in the bucket is 16-byte aligned, so full blocks load
+    and store 16 bytes per instruction.
+    """
+    pid = tl.program_id(0).to(tl.int64)
+    tensor = tl.load(block_map + pid * 2).to(tl.int64)
+    block = tl.load(block_map + pid * 2 + 1).to(tl.int64)
+
+    skip = False
+    if HAS_FOUND_INF:
+        skip = tl.load(found_inf_ptr) != 0
+    if not skip:
+        row = tensor_table + tensor * TABLE_WIDTH
+        param_ptr = tl.load(row + COL_PARAM).to(tl.pointer_type(PARAM_DTYPE))
+        grad_ptr = tl.load(grad_table + tensor).to(tl.pointer_type(GRAD_DTYPE))
+        exp_avg_ptr = tl.load(row + COL_EXP_AVG).to(tl.pointer_type(STATE_DTYPE))
+        exp_avg_sq_ptr = tl.load(row + COL_EXP_AVG_SQ).to(tl.pointer_type(STATE_DTYPE))
+        max_exp_avg_sq_ptr = tl.load(row + COL_MAX_EXP_AVG_SQ).to(tl.pointer_type(STATE_DTYPE))
+        numel = tl.load(row + COL_NUMEL)
+
+        coef = coef_table + tensor * COEF_WIDTH
+        one_minus_beta1 = tl.load(coef + COEF_ONE_MINUS_BETA1)
+        beta2 = tl.load(coef + COEF_BETA2)
+        one_minus_beta2 = tl.load(coef + COEF_ONE_MINUS_BETA2)
+        eps = tl.load(coef + COEF_EPS)
+        neg_step_size = tl.load(coef + COEF_NEG_STEP_SIZE)
+        bc2_sqrt = tl.load(coef + COEF_BC2_SQRT)
+        param_scale = tl.load(coef + COEF_PARAM_SCALE)
+        l2 = tl.load(coef + COEF_L2)
+        grad_sign = tl.load(coef + COEF_GRAD_SIGN)
+        grad_scale = 1.0
+        if HAS_GRAD_SCALE:
+            grad_scale = tl.load(grad_scale_ptr)
+
+        # int64 base so that tensors past 2**31 elements work; lane offsets stay int32.
+        start = block * BLOCK_SIZE
+        param_ptr += start
+        grad_ptr += start
+        exp_avg_ptr += start
+        exp_avg_sq_ptr += start
+        max_exp_avg_sq_ptr += start
+        if ALIGNED:
+            param_ptr = tl.multiple_of(param_ptr, 16)
+            grad_ptr = tl.multiple_of(grad_ptr, 16)
+            exp_avg_ptr = tl.multiple_of(exp_avg_ptr, 16)
+            exp_avg_sq_ptr = tl.multiple_of(exp_avg_sq_ptr, 16)
+            max_exp_avg_sq_ptr = tl.multiple_of(max_exp_avg_sq_ptr, 16)
+        # A program walks its block in tiles: one tile when aligned (16-byte accesses need few
+        # registers), smaller tiles otherwise so that scalar accesses do not spill.
+        lanes = tl.arange(0, TILE_SIZE)
+        for tile_start in range(0, BLOCK_SIZE, TILE_SIZE):
+            remaining = numel - start - tile_start
+            if remaining >= TILE_SIZE:
+                _adam_block(param_ptr + tile_start, grad_ptr + tile_start,
+                            exp_avg_ptr + tile_start, exp_avg_sq_ptr + tile_start,
+                            max_exp_avg_sq_ptr + tile_start, lanes, None,
+                            one_minus_beta1, beta2, one_minus_beta2, eps, neg_step_size,
+                            bc2_sqrt, param_scale, l2, grad_sign, grad_scale,
+                            PARAM_DTYPE, STATE_DTYPE, AMSGRAD, HAS_GRAD_SCALE)
+            elif remaining > 0:
+                _adam_block(param_ptr + tile_start, grad_ptr + tile_start,
+                            exp_avg_ptr + tile_start, exp_avg_sq_ptr + tile_start,
+                            max_exp_avg_sq_ptr + tile_start, lanes,
+                            lanes < remaining.to(tl.int32),
+                            one_minus_beta1, beta2, one_minus_beta2, eps, neg_step_size,
+                            bc2_sqrt, param_scale, l2, grad_sign, grad_scale,
+                            PARAM_DTYPE, STATE_DTYPE, AMSGRAD, HAS_GRAD_SCALE)
+
+
+def launch_adam_coefficients(tensor_table, hyper_table, coef_table, found_inf, n_tensors):
+    """Advance the steps and fill ``coef_table``; ``found_inf`` is a float32 tensor or None."""
+    grid = (triton.cdiv(n_tensors, COEF_BLOCK),)
+    adam_coefficients_kernel[grid](
+        tensor_table, hyper_table, coef_table,
+        found_inf if found_inf is not None else coef_table, n_tensors,
+        HAS_FOUND_INF=found_inf is not None, BLOCK=COEF_BLOCK,
+        num_warps=4,
+    )
+
+
+def launch_adam_step(tensor_table, grad_table, block_map, coef_table, grad_scale, found_inf,
+                     n_blocks, spec, block_size, tile_size, num_warps):
+    """Launch ``adam_step_kernel`` over ``n_blocks`` programs.
+
+    ``spec`` maps the constexpr names PARAM_DTYPE, GRAD_DTYPE, STATE_DTYPE (triton dtypes),
+    AMSGRAD, ALIGNED (bools); ``grad_scale`` and ``found_inf`` are float32
+    device tensors or None.
+    """
+    if n_blocks == 0:
+        return
+    adam_step_kernel[(n_blocks,)](
+        tensor_table, grad_table, block_map, coef_table,
+        grad_scale if grad_scale is not None else coef_table,
+        found_inf if found_inf is not None else coef_table,
+        HAS_GRAD_SCALE=grad_scale is not None, HAS_FOUND_INF=found_inf is not None,
+        BLOCK_SIZE=block_size, TILE_SIZE=tile_size, num_warps=num_warps, **spec,
+    )

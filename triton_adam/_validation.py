@@ -1,0 +1,124 @@
+"""Checks on hyperparameters, params, grads and state, with errors that say which tensor and why.
+
+Everything here only reads: the optimizer runs these checks before it touches any tensor, so a
+failed ``step()`` leaves params and state exactly as they were.
+"""
+from __future__ import annotations
+
+import torch
+from torch import Tensor
+
+
+def _as_number(value):
+    return float(value) if isinstance(value, Tensor) else value
+
+
+def to_scalar(value):
+    """Squeeze a 1-element tensor hyperparameter to 0-d, as torch does; numbers pass through."""
+    if isinstance(value, Tensor) and value.dim() != 0:
+        return value.squeeze()
+    return value
+
+
+def check_hyperparameters(lr, betas, eps, weight_decay):
+    """Raise ValueError for hyperparameters torch.optim.Adam refuses, with torch's messages."""
+    if isinstance(lr, Tensor) and lr.numel() != 1:
+        raise ValueError("Tensor lr must be 1-element")
+    if not 0.0 <= _as_number(lr):
+        raise ValueError(f"Invalid learning rate: {lr}")
+    if not 0.0 <= eps:
+        raise ValueError(f"Invalid epsilon value: {eps}")
+    if len(betas) != 2:
+        raise ValueError(f"betas must be a pair (beta1, beta2), got {betas!r}")
+    for index, beta in enumerate(betas):
+        if isinstance(beta, Tensor) and beta.numel() != 1:
+            raise ValueError(f"Tensor betas[{index}] must be 1-element")
+        if not 0.0 <= _as_number(beta) < 1.0:
+            raise ValueError(f"Invalid beta parameter at index {index}: {beta}")
+    if not 0.0 <= weight_decay:
+        raise ValueError(f"Invalid weight_decay value: {weight_decay}")
+    if not (all(isinstance(b, float) for b in betas) or all(isinstance(b, Tensor) for b in betas)):
+        raise ValueError("betas must be either both floats or both Tensors")
+
+
+def describe(group_index: int, position: int, param: Tensor) -> str:
+    """'param 3 of group 0 (shape (37, 51), torch.float32, cuda:0)' for error messages."""
+    return (f"param {position} of group {group_index} (shape {tuple(param.shape)}, "
+            f"{param.dtype}, {param.device})")
+
+
+def is_dense(tensor: Tensor) -> bool:
+    """True if the tensor's elements fill one run of memory exactly once, in any dim order."""
+    dims = sorted((stride, size) for size, stride in zip(tensor.shape, tensor.stride())
+                  if size != 1)
+    expected = 1
+    for stride, size in dims:
+        if stride != expected:
+            return False
+        expected *= size
+    return True
+
+
+def check_param(group_index: int, position: int, param: Tensor) -> None:
+    """Refuse params the fused kernels cannot update in place as one flat run of memory."""
+    if not (param.is_floating_point() or param.is_complex()):
+        raise TypeError(f"{describe(group_index, position, param)}: Adam needs floating-point "
+                        "or complex params")
+    if param.numel() > 1 and not is_dense(param):
+        raise ValueError(
+            f"{describe(group_index, position, param)} with strides {param.stride()} is not "
+            "dense in memory (a strided or overlapping view): triton-adam updates each param "
+            "as one flat run of memory; make it a contiguous leaf tensor")
+
+
+def check_grad(group_index: int, position: int, param: Tensor, grad: Tensor) -> None:
+    """Raise if ``grad`` cannot be the gradient of ``param`` (sparse, dtype, shape, device)."""
+    if grad.is_sparse:
+        raise RuntimeError("Adam does not support sparse gradients, please consider SparseAdam "
+                           f"instead ({describe(group_index, position, param)} has a sparse grad)")
+    what = describe(group_index, position, param)
+    if grad.dtype != param.dtype:
+        raise TypeError(f"{what}: grad has dtype {grad.dtype}, expected {param.dtype}")
+    if grad.shape != param.shape:
+        raise ValueError(f"{what}: grad has shape {tuple(grad.shape)}, expected "
+                         f"{tuple(param.shape)}")
+    if grad.device != param.device:
+        raise RuntimeError(f"{what}: grad is on {grad.device}, expected {param.device}")
+
+
+def check_state(group_index: int, position: int, param: Tensor, state: dict, amsgrad: bool):
+    """Raise if a (possibly loaded) state entry does not fit its param."""
+    what = describe(group_index, position, param)
+    keys = ["exp_avg", "exp_avg_sq"] + (["max_exp_avg_sq"] if amsgrad else [])
+    for key in ["step"] + keys:
+        if key not in state:
+            raise KeyError(f"{what}: optimizer state has no '{key}' (was the state_dict saved by "
+                           "an optimizer with other settings?)")
+    step = state["step"]
+    if not isinstance(step, Tensor) or step.numel() != 1:
+        raise TypeError(f"{what}: state 'step' must be a 1-element tensor, got {step!r}")
+    for key in keys:
+        value = state[key]
+        if not isinstance(value, Tensor):
+            raise TypeError(f"{what}: state '{key}' is {type(value).__name__}, expected a tensor")
+        if value.shape != param.shape:
+            raise ValueError(f"{what}: state '{key}' has shape {tuple(value.shape)}, expected "
+                             f"{tuple(param.shape)}")
+        if value.device != param.device:
+            raise RuntimeError(f"{what}: state '{key}' is on {value.device}, expected "
+                               f"{param.device}")
+        if value.dtype != param.dtype:
+            raise TypeError(f"{what}: state '{key}' has dtype {value.dtype}, expected "
+                            f"{param.dtype}")
+
+
+def check_no_overlap(tensors, names) -> None:
+    """Raise if two of the tensors share memory: one launch would update it twice, racing."""
+    spans = sorted(
+        (t.data_ptr(), t.data_ptr() + t.numel() * t.element_size(), name)
+        for t, name in zip(tensors, names) if t.numel() > 0
+    )
+    for (_, end, name), (start, _, other) in zip(spans, spans[1:]):
+        if start < end:
+            raise ValueError(f"{name} and {other} share memory: the optimizer would update that "
+                             "memory twice; give each parameter its own storage")

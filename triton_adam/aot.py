@@ -1,0 +1,117 @@
+"""Ahead-of-time compilation of every kernel specialisation, for checks and tuning (no GPU needed).
+
+``compile_all("sm_90")`` compiles each specialisation the optimizer can launch with the real Triton
+compiler and ptxas that ship with triton, and reports registers, shared memory, spills, the widest
+global load/store and the PTX size. It must run in a process without ``TRITON_INTERPRET``.
+"""
+from __future__ import annotations
+
+import itertools
+import re
+import subprocess
+import tempfile
+from pathlib import Path
+
+from ._plan import ALIGNED_TILE_SIZE, BLOCK_SIZE, NUM_WARPS, UNALIGNED_TILE_SIZE
+from .kernels import adam_step
+
+DTYPES = ("fp32", "bf16", "fp16")
+# GradScaler gives found_inf alone (after unscale_) or with grad_scale; grad_scale never alone.
+AMP_MODES = {"none": (False, False), "found_inf": (False, True), "scale": (True, True)}
+
+
+def step_kernel_specs():
+    """Every constexpr combination of ``adam_step_kernel`` that the optimizer launches."""
+    for dtype, amsgrad, amp, aligned in itertools.product(DTYPES, (False, True), AMP_MODES,
+                                                           (True, False)):
+        has_scale, has_inf = AMP_MODES[amp]
+        yield dict(PARAM_DTYPE=dtype, GRAD_DTYPE=dtype, STATE_DTYPE=dtype, AMSGRAD=amsgrad,
+                   HAS_GRAD_SCALE=has_scale, HAS_FOUND_INF=has_inf, ALIGNED=aligned,
+                   BLOCK_SIZE=BLOCK_SIZE,
+                   TILE_SIZE=ALIGNED_TILE_SIZE if aligned else UNALIGNED_TILE_SIZE)
+
+
+def coefficient_kernel_specs():
+    for has_inf in (False, True):
+        yield dict(HAS_FOUND_INF=has_inf, BLOCK=adam_step.COEF_BLOCK)
+
+
+def _parse_target(target: str) -> int:
+    match = re.fullmatch(r"sm_?(\d+)a?", target)
+    if not match:
+        raise ValueError(f"target must look like sm_80 or sm_90, got {target!r}")
+    return int(match.group(1))
+
+
+def _compile(fn, signature, spec, arch, num_warps):
+    import triton
+    import triton.language as tl
+    from triton.backends.compiler import GPUTarget
+    from triton.compiler import ASTSource
+
+    dtypes = {"fp32": tl.float32, "bf16": tl.bfloat16, "fp16": tl.float16}
+    constexprs = {k: dtypes.get(v, v) if isinstance(v, str) else v for k, v in spec.items()}
+    full_signature = dict(signature, **{k: "constexpr" for k in spec})
+    source = ASTSource(fn=fn, signature=full_signature, constexprs=constexprs)
+    return triton.compile(source, target=GPUTarget("cuda", arch, 32),
+                          options={"num_warps": num_warps, "enable_fp_fusion": False})
+
+
+def _ptxas_report(ptx: str, arch: int) -> dict:
+    """Registers, spills and shared memory as ptxas -v prints them for this PTX."""
+    from triton.backends.nvidia.compiler import get_ptxas
+
+    with tempfile.TemporaryDirectory() as tmp:
+        path = Path(tmp) / "kernel.ptx"
+        path.write_text(ptx)
+        result = subprocess.run(
+            [get_ptxas(arch).path, "-v", f"--gpu-name=sm_{arch}{'a' if arch >= 90 else ''}",
+             str(path), "-o", str(Path(tmp) / "kernel.cubin")],
+            capture_output=True, text=True, check=True)
+    log = result.stderr + result.stdout
+
+    def number(pattern):
+        found = re.search(pattern, log)
+        return int(found.group(1)) if found else 0
+
+    return {"registers": number(r"Used (\d+) registers"),
+            "spill_bytes": number(r"(\d+) bytes spill stores") + number(r"(\d+) bytes spill loads"),
+            "stack_bytes": number(r"(\d+) bytes stack frame"),
+            "ptxas_shared_bytes": number(r"(\d+) bytes smem")}
+
+
+def _vector_width(ptx: str, op: str) -> int:
+    widths = [int(w) for w in re.findall(rf"{op}\.global(?:\.\w+)*?\.v(\d)", ptx)]
+    return max(widths, default=1)
+
+
+STEP_SIGNATURE = {"tensor_table": "*i64", "grad_table": "*i64", "block_map": "*i32",
+                  "coef_table": "*fp32", "grad_scale_ptr": "*fp32", "found_inf_ptr": "*fp32"}
+COEF_SIGNATURE = {"tensor_table": "*i64", "hyper_table": "*fp64", "coef_table": "*fp32",
+                  "found_inf_ptr": "*fp32", "n_tensors": "i32"}
+
+
+def compile_all(target: str = "sm_90") -> list[dict]:
+    """Compile every specialisation for ``target`` ("sm_80", "sm_90", ...) and report on each.
+
+    Returns one dict per kernel: name, spec, registers, shared_bytes, spill_bytes, stack_bytes,
+    ld_vector_width, st_vector_width (widest ``ld/st.global.vN``, 1 when scalar), ptx_bytes,
+    and the PTX itself under ``ptx``.
+    """
+    arch = _parse_target(target)
+    jobs = [("adam_coefficients_kernel", adam_step.adam_coefficients_kernel, COEF_SIGNATURE, s, 4)
+            for s in coefficient_kernel_specs()]
+    jobs += [("adam_step_kernel", adam_step.adam_step_kernel, STEP_SIGNATURE, s, NUM_WARPS)
+             for s in step_kernel_specs()]
+    reports = []
+    for name, fn, signature, spec, num_warps in jobs:
+        compiled = _compile(fn, signature, spec, arch, num_warps)
+        ptx = compiled.asm["ptx"]
+        report = {"name": name, "spec": spec, "target": f"sm_{arch}", "num_warps": num_warps,
+                  "shared_bytes": int(compiled.metadata.shared),
+                  "ld_vector_width": _vector_width(ptx, "ld"),
+                  "st_vector_width": _vector_width(ptx, "st"),
+                  "ptx_bytes": len(ptx.encode()), "ptx": ptx}
+        report.update(_ptxas_report(ptx, arch))
+        reports.append(report)
+    return reports

@@ -1,0 +1,240 @@
+"""``Adam`` and ``AdamW``: drop-in ``torch.optim`` optimizers whose step is one fused launch."""
+from __future__ import annotations
+
+import torch
+from torch import Tensor
+
+from . import _validation
+from ._plan import StepPlan, interpreter_enabled, state_key_names
+
+BACKENDS = ("auto", "triton", "torch")
+
+_COMMON_DOC = """
+    Args:
+        params: iterable of parameters or of dicts defining parameter groups (named parameters
+            work as in torch).
+        lr (float or Tensor): learning rate. A 1-element tensor on the params' device is read on
+            the device at every step (so a captured CUDA graph follows its later values).
+        betas (tuple of two floats or two 1-element Tensors): coefficients of the running
+            averages of the gradient and of its square.
+        eps (float): added to the bias-corrected root of the second moment.
+        weight_decay (float): {wd_doc}
+        amsgrad (bool): use the maximum of past second moments (AMSGrad).
+        maximize (bool): maximize the objective instead of minimizing it.
+        capturable (bool): allow the step to be captured in a CUDA graph (as in torch). The step
+            never synchronizes with the host in either mode: step counts, bias corrections and
+            the GradScaler's ``found_inf`` stay on the device.
+        foreach, fused: accepted for compatibility and ignored; the step is always fused.
+        differentiable: refused when True (a ValueError): the kernels update in place outside
+            autograd.
+        backend ("auto", "triton" or "torch"): "auto" runs the Triton kernels on CUDA tensors
+            (and on CPU tensors when ``TRITON_INTERPRET=1``), torch's fused kernels elsewhere or
+            for float64 params; "triton" and "torch" force one, with a clear error where it
+            cannot run.
+
+    Behaviour matches torch: params whose ``.grad`` is None are skipped, the state uses torch's
+    keys (``step`` a 0-d float32 tensor on the param's device, ``exp_avg``, ``exp_avg_sq``,
+    ``max_exp_avg_sq``) and state dicts load both ways. Under ``torch.amp.GradScaler`` the kernel
+    unscales the grads in registers and skips the whole update (and the step count) when
+    ``found_inf`` is set, without host synchronisation; unlike torch's fused kernel it does not
+    write the unscaled grads back into ``.grad`` (4 bytes per element saved).
+"""
+
+
+class _FusedAdamBase(torch.optim.Optimizer):
+    def __init__(self, params, lr, betas, eps, weight_decay, amsgrad, *, foreach, maximize,
+                 capturable, differentiable, fused, decoupled_weight_decay, backend):
+        if backend not in BACKENDS:
+            raise ValueError(f"backend must be one of {BACKENDS}, got {backend!r}")
+        if differentiable:
+            raise ValueError("differentiable=True is not supported: triton-adam's kernels update "
+                             "params in place outside autograd; use torch.optim for that")
+        _validation.check_hyperparameters(lr, betas, eps, weight_decay)
+        betas = tuple(map(_validation.to_scalar, betas))
+        self.backend = backend
+        self._plan = None
+        self._layout_version = 0
+        defaults = dict(lr=lr, betas=betas, eps=eps, weight_decay=weight_decay, amsgrad=amsgrad,
+                        maximize=maximize, foreach=foreach, capturable=capturable,
+                        differentiable=False, fused=fused,
+                        decoupled_weight_decay=decoupled_weight_decay)
+        super().__init__(params, defaults)
+        # GradScaler hands us grad_scale/found_inf instead of unscaling and syncing itself.
+        self._step_supports_amp_scaling = True
+
+    def add_param_group(self, param_group: dict) -> None:
+        """Add a param group after checking its hyperparameters and params (see torch)."""
+        merged = dict(self.defaults, **{k: v for k, v in param_group.items() if k != "params"})
+        _validation.check_hyperparameters(merged["lr"], merged["betas"], merged["eps"],
+                                          merged["weight_decay"])
+        if "betas" in param_group:
+            param_group["betas"] = tuple(map(_validation.to_scalar, param_group["betas"]))
+        super().add_param_group(param_group)
+        group_index = len(self.param_groups) - 1
+        try:
+            for position, param in enumerate(self.param_groups[-1]["params"]):
+                _validation.check_param(group_index, position, param)
+        except (TypeError, ValueError):
+            self.param_groups.pop()
+            raise
+        self._invalidate_plan()
+
+    def __setstate__(self, state: dict) -> None:
+        super().__setstate__(state)
+        self.__dict__.setdefault("backend", "auto")
+        self.__dict__.setdefault("_layout_version", 0)
+        for group in self.param_groups:
+            for key, default in (("amsgrad", False), ("maximize", False), ("foreach", None),
+                                 ("capturable", False), ("differentiable", False),
+                                 ("fused", None), ("decoupled_weight_decay", False)):
+                group.setdefault(key, default)
+        self._normalize_steps()
+        self._invalidate_plan()
+
+    def load_state_dict(self, state_dict: dict) -> None:
+        """Load a state dict saved by this class or by torch.optim.Adam/AdamW (any device)."""
+        super().load_state_dict(state_dict)
+        self._normalize_steps()
+        self._invalidate_plan()
+
+    def _normalize_steps(self) -> None:
+        """Make every ``step`` a 0-d float32 tensor on its param's device, as the kernels read it.
+
+        torch keeps ``step`` on the CPU unless fused or capturable, and old checkpoints hold plain
+        numbers; the value is kept exactly.
+        """
+        for group in self.param_groups:
+            for param in group["params"]:
+                state = self.state.get(param)
+                if not state or "step" not in state:
+                    continue
+                step = state["step"]
+                if not isinstance(step, Tensor):
+                    step = torch.tensor(float(step))
+                if step.dtype != torch.float32 or step.device != param.device or step.dim():
+                    state["step"] = step.detach().to(dtype=torch.float32,
+                                                     device=param.device).reshape(())
+
+    def _invalidate_plan(self) -> None:
+        self._plan = None
+        self._layout_version = getattr(self, "_layout_version", 0) + 1
+
+    def _check_graph_capture(self, needs_new_plan: bool) -> None:
+        if not (torch.cuda.is_available() and torch.cuda.is_current_stream_capturing()):
+            return
+        if not all(group["capturable"] for group in self.param_groups):
+            raise RuntimeError(f"Attempting CUDA graph capture of step() for an instance of "
+                               f"{type(self).__name__} but param_groups' capturable is False.")
+        if needs_new_plan:
+            raise RuntimeError(
+                "triton-adam: the params with grads (or their memory) changed, which needs new "
+                "device tables, and tables cannot be built during CUDA graph capture; run one "
+                "eager step with the same params and grads before capturing")
+
+    def _signature(self, grads_by_group):
+        return (self._layout_version, tuple(
+            (bool(group["amsgrad"]), bool(group["maximize"]),
+             bool(group.get("decoupled_weight_decay", False)),
+             tuple(p.data_ptr() if g is not None else -1 for p, g in zip(group["params"], grads)))
+            for group, grads in zip(self.param_groups, grads_by_group)))
+
+    def _build_plan(self, grads_by_group, signature) -> StepPlan:
+        """Validate everything, create missing state, and build the device tables.
+
+        New state is stored only once the plan is built, so a refused step leaves no trace.
+        """
+        for gi, (group, grads) in enumerate(zip(self.param_groups, grads_by_group)):
+            for pi, (param, grad) in enumerate(zip(group["params"], grads)):
+                _validation.check_param(gi, pi, param)
+                if grad is not None:
+                    _validation.check_grad(gi, pi, param, grad)
+        self._normalize_steps()
+        states, new_states = {}, {}
+        for group, grads in zip(self.param_groups, grads_by_group):
+            for param, grad in zip(group["params"], grads):
+                if grad is None:
+                    continue
+                state = self.state.get(param)
+                if not state:
+                    state = new_states[param] = _initial_state(param, group["amsgrad"])
+                elif group["amsgrad"] and "max_exp_avg_sq" not in state:
+                    # amsgrad switched on mid-training: start its maximum from zero.
+                    state = new_states[param] = dict(
+                        state, max_exp_avg_sq=torch.zeros_like(
+                            param, memory_format=torch.preserve_format))
+                states[param] = state
+        plan = StepPlan(self, grads_by_group, states, signature)
+        for param, state in new_states.items():
+            self.state[param] = state
+        return plan
+
+    @torch.no_grad()
+    def step(self, closure=None):
+        """Perform one optimization step over every param with a grad.
+
+        Args:
+            closure (callable, optional): re-evaluates the model and returns the loss.
+        """
+        loss = None
+        if closure is not None:
+            with torch.enable_grad():
+                loss = closure()
+        grads_by_group = [[p.grad for p in group["params"]] for group in self.param_groups]
+        signature = self._signature(grads_by_group)
+        needs_new_plan = self._plan is None or self._plan.signature != signature
+        self._check_graph_capture(needs_new_plan)
+        if needs_new_plan:
+            self._plan = None
+            self._plan = self._build_plan(grads_by_group, signature)
+        self._plan.run(self, grads_by_group, getattr(self, "grad_scale", None),
+                       getattr(self, "found_inf", None))
+        return loss
+
+
+def _initial_state(param: Tensor, amsgrad: bool) -> dict:
+    state = {"step": torch.zeros((), dtype=torch.float32, device=param.device)}
+    for key in state_key_names(amsgrad):
+        state[key] = torch.zeros_like(param, memory_format=torch.preserve_format)
+    return state
+
+
+class Adam(_FusedAdamBase):
+    """Adam (Kingma & Ba) with torch.optim.Adam's arguments and results, fused into one launch.
+    """
+
+    def __init__(self, params, lr=1e-3, betas=(0.9, 0.999), eps=1e-8, weight_decay=0,
+                 amsgrad=False, *, foreach=None, maximize=False, capturable=False,
+                 differentiable=False, fused=None, decoupled_weight_decay=False,
+                 backend="auto"):
+        super().__init__(params, lr, betas, eps, weight_decay, amsgrad, foreach=foreach,
+                         maximize=maximize, capturable=capturable,
+                         differentiable=differentiable, fused=fused,
+                         decoupled_weight_decay=decoupled_weight_decay, backend=backend)
+
+
+class AdamW(_FusedAdamBase):
+    """AdamW (Loshchilov & Hutter) with torch.optim.AdamW's arguments and results, fused.
+    """
+
+    def __init__(self, params, lr=1e-3, betas=(0.9, 0.999), eps=1e-8, weight_decay=1e-2,
+                 amsgrad=False, *, maximize=False, foreach=None, capturable=False,
+                 differentiable=False, fused=None, backend="auto"):
+        super().__init__(params, lr, betas, eps, weight_decay, amsgrad, foreach=foreach,
+                         maximize=maximize, capturable=capturable,
+                         differentiable=differentiable, fused=fused,
+                         decoupled_weight_decay=True, backend=backend)
+
+    def __setstate__(self, state: dict) -> None:
+        super().__setstate__(state)
+        for group in self.param_groups:
+            group["decoupled_weight_decay"] = True
+
+
+Adam.__doc__ += _COMMON_DOC.format(
+    wd_doc="L2 penalty added to the gradient (or, with decoupled_weight_decay=True, the "
+           "AdamW decay ``p *= 1 - lr * weight_decay``).\n"
+           "        decoupled_weight_decay (bool): behave as AdamW.")
+AdamW.__doc__ += _COMMON_DOC.format(
+    wd_doc="decoupled decay, ``p *= 1 - lr * weight_decay`` before the Adam update.")
+
+__all__ = ["Adam", "AdamW", "interpreter_enabled"]
