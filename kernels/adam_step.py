@@ -77,7 +77,9 @@ def adam_coefficients_kernel(
     step_taken = row_in_range
     if HAS_FOUND_INF:
         # A GradScaler overflow skips the whole update: the step count stays as it was.
-        step_taken = step_taken & (tl.load(found_inf_ptr) == 0)
+        # (broadcast as a vector load: the interpreter cannot AND a mask with a scalar)
+        found_inf = tl.load(found_inf_ptr + rows * 0)
+        step_taken = step_taken & (found_inf == 0.0)
     step = tl.load(step_ptr, mask=step_taken, other=0.0) + 1.0
     tl.store(step_ptr, step, mask=step_taken)
 

@@ -19,7 +19,8 @@ from .kernels import adam_step as K
 
 # Elements per program and warps per program of the step kernel (16 float32 per thread), and
 # the tile a program updates at a time: all of it when 16-byte aligned, half otherwise (scalar
-# accesses need more registers, and a whole block spills).
+# accesses need more registers: a whole block spills; half of one does not, with up to 162
+# registers; a quarter spilled again for bfloat16 amsgrad under ptxas 13).
 BLOCK_SIZE = 4096
 NUM_WARPS = 8
 ALIGNED_TILE_SIZE = 4096
@@ -129,6 +130,23 @@ def _upload(host: Tensor, device_tensor: Tensor, keep_alive: list) -> None:
         keep_alive.append(pinned)
 
 
+def build_block_map(blocks_per_tensor: np.ndarray) -> np.ndarray:
+    """int32 ``[n_blocks, 2]``: (tensor index, block index in that tensor) for each program.
+
+    Block indices stay int32 (2**31 blocks of BLOCK_SIZE elements); the kernel widens them to
+    int64 before multiplying by BLOCK_SIZE.
+    """
+    blocks_per_tensor = np.asarray(blocks_per_tensor, dtype=np.int64)
+    n_blocks = int(blocks_per_tensor.sum())
+    if n_blocks >= 2**31:
+        raise ValueError(f"{n_blocks} blocks exceed one launch's grid; split the model")
+    tensor_index = np.repeat(np.arange(len(blocks_per_tensor), dtype=np.int32),
+                             blocks_per_tensor)
+    first_block = np.cumsum(blocks_per_tensor) - blocks_per_tensor
+    block_index = np.arange(n_blocks, dtype=np.int64) - np.repeat(first_block, blocks_per_tensor)
+    return np.ascontiguousarray(np.stack([tensor_index, block_index.astype(np.int32)], axis=1))
+
+
 class TritonBucket:
     """Members sharing device, dtypes and flags: one coefficient launch and one step launch."""
 
@@ -140,7 +158,6 @@ class TritonBucket:
         n = len(members)
         dtype = members[0].flat_param.dtype
         table = np.zeros((max(n, 1), int(K.TABLE_WIDTH)), dtype=np.int64)
-        blocks_per_tensor = np.zeros(n, dtype=np.int64)
         for row, m in enumerate(members):
             s = m.state
             table[row, K.COL_PARAM] = m.flat_param.data_ptr()
@@ -151,19 +168,15 @@ class TritonBucket:
             table[row, K.COL_STEP] = s["step"].data_ptr()
             table[row, K.COL_NUMEL] = m.flat_param.numel()
             table[row, K.COL_GROUP] = m.group_index
-            blocks_per_tensor[row] = -(-m.flat_param.numel() // BLOCK_SIZE)
         columns = [K.COL_PARAM, K.COL_EXP_AVG, K.COL_EXP_AVG_SQ]
         columns += [K.COL_MAX_EXP_AVG_SQ] if amsgrad else []
         addresses = table[:n, [int(c) for c in columns]]
         self.static_aligned = not (addresses % ALIGNMENT).any()
-        tensor_index = np.repeat(np.arange(n, dtype=np.int32), blocks_per_tensor)
-        starts = np.cumsum(blocks_per_tensor) - blocks_per_tensor
-        block_index = (np.arange(len(tensor_index), dtype=np.int64)
-                       - np.repeat(starts, blocks_per_tensor)).astype(np.int32)
-        self.n_blocks = len(tensor_index)
-        block_map = np.stack([tensor_index, block_index], axis=1).reshape(-1, 2)
+        blocks_per_tensor = -(-table[:n, int(K.COL_NUMEL)] // BLOCK_SIZE)
+        block_map = build_block_map(blocks_per_tensor)
+        self.n_blocks = len(block_map)
         self.tensor_table = torch.from_numpy(table).to(device)
-        self.block_map = torch.from_numpy(np.ascontiguousarray(block_map)).to(device)
+        self.block_map = torch.from_numpy(block_map).to(device)
         self.coef_table = torch.empty((max(n, 1), int(K.COEF_WIDTH)), dtype=torch.float32,
                                       device=device)
         self.grad_table = torch.zeros(max(n, 1), dtype=torch.int64, device=device)

@@ -1,0 +1,32 @@
+"""Test set-up: without a GPU the Triton kernels run on CPU tensors through Triton's interpreter.
+
+TRITON_INTERPRET must be set before triton is first imported (importing torch does not import it).
+"""
+import os
+
+import torch
+
+if not torch.cuda.is_available():
+    os.environ.setdefault("TRITON_INTERPRET", "1")
+
+import pytest  # noqa: E402
+
+from triton_adam._plan import interpreter_enabled  # noqa: E402
+
+DEVICES = ["cpu"] + (["cuda"] if torch.cuda.is_available() else [])
+
+
+def backends_on(device: str):
+    """The backends that can run on ``device`` in this process."""
+    if device == "cuda" or interpreter_enabled():
+        return ["triton", "torch"]
+    return ["torch"]
+
+
+DEVICE_BACKENDS = [pytest.param(d, b, marks=[pytest.mark.cuda] if d == "cuda" else [],
+                                id=f"{d}-{b}")
+                   for d in DEVICES for b in backends_on(d)]
+
+
+def pytest_configure(config):
+    config.addinivalue_line("markers", "cuda: needs a CUDA device (run by perf/gpu_check.sh)")

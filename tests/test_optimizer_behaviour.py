@@ -1,0 +1,218 @@
+"""GradScaler, capturable, state_dict interchange, table caching and backend choice."""
+import copy
+import io
+
+import pytest
+import torch
+
+import triton_adam
+from conftest import DEVICE_BACKENDS
+
+
+def make_model(device, seed=0):
+    torch.manual_seed(seed)
+    return torch.nn.Sequential(torch.nn.Linear(13, 31), torch.nn.Tanh(),
+                               torch.nn.Linear(31, 5)).to(device)
+
+
+def loss_of(model, seed):
+    generator = torch.Generator().manual_seed(seed)
+    x = torch.randn(17, 13, generator=generator).to(next(model.parameters()).device)
+    return model(x).pow(2).mean()
+
+
+def train(model, optimizer, steps, first_seed=0, scaler=None, poison_step=None):
+    for step in range(steps):
+        optimizer.zero_grad(set_to_none=True)
+        loss = loss_of(model, first_seed + step)
+        if scaler is None:
+            loss.backward()
+            optimizer.step()
+            continue
+        scaler.scale(loss).backward()
+        if step == poison_step:
+            next(model.parameters()).grad[0, 0] = float("inf")
+        scaler.step(optimizer)
+        scaler.update()
+
+
+def assert_same_params(a, b, **tolerance):
+    for x, y in zip(a.parameters(), b.parameters()):
+        torch.testing.assert_close(x, y, **tolerance)
+
+
+@pytest.mark.parametrize("device,backend", DEVICE_BACKENDS)
+def test_grad_scaler_unscales_and_skips_like_torch_fused(device, backend):
+    ours, theirs = make_model(device), make_model(device)
+    ours_opt = triton_adam.AdamW(ours.parameters(), lr=1e-2, backend=backend)
+    torch_opt = torch.optim.AdamW(theirs.parameters(), lr=1e-2, fused=True)
+    ours_scaler = torch.amp.GradScaler(device, init_scale=2.0**12)
+    torch_scaler = torch.amp.GradScaler(device, init_scale=2.0**12)
+    train(ours, ours_opt, 3, scaler=ours_scaler)
+    train(theirs, torch_opt, 3, scaler=torch_scaler)
+    before = copy.deepcopy(ours_opt.state_dict()["state"])
+    params_before = [p.detach().clone() for p in ours.parameters()]
+    # an overflow: the whole update is skipped, step counts included, bit for bit
+    train(ours, ours_opt, 1, first_seed=3, scaler=ours_scaler, poison_step=0)
+    train(theirs, torch_opt, 1, first_seed=3, scaler=torch_scaler, poison_step=0)
+    for p, q in zip(ours.parameters(), params_before):
+        assert torch.equal(p, q)
+    for index, state in ours_opt.state_dict()["state"].items():
+        for key, value in state.items():
+            assert torch.equal(value, before[index][key]), key
+    assert ours_scaler.get_scale() == torch_scaler.get_scale() == 2.0**11
+    train(ours, ours_opt, 3, first_seed=4, scaler=ours_scaler)
+    train(theirs, torch_opt, 3, first_seed=4, scaler=torch_scaler)
+    assert_same_params(ours, theirs, rtol=1e-5, atol=1e-6)
+    for p, q in zip(ours.parameters(), theirs.parameters()):
+        assert ours_opt.state[p]["step"].item() == torch_opt.state[q]["step"].item() == 6
+
+
+@pytest.mark.parametrize("device,backend", DEVICE_BACKENDS)
+def test_grad_scaler_after_explicit_unscale(device, backend):
+    """scaler.unscale_ then clipping then step: found_inf alone reaches the kernel."""
+    ours, theirs = make_model(device), make_model(device)
+    ours_opt = triton_adam.Adam(ours.parameters(), lr=1e-2, backend=backend)
+    torch_opt = torch.optim.Adam(theirs.parameters(), lr=1e-2, foreach=False)
+    for model, opt in ((ours, ours_opt), (theirs, torch_opt)):
+        scaler = torch.amp.GradScaler(device, init_scale=256.0)
+        for step in range(4):
+            opt.zero_grad()
+            scaler.scale(loss_of(model, step)).backward()
+            scaler.unscale_(opt)
+            torch.nn.utils.clip_grad_norm_(model.parameters(), 0.1)
+            scaler.step(opt)
+            scaler.update()
+    assert_same_params(ours, theirs, rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize("device,backend", DEVICE_BACKENDS)
+@pytest.mark.parametrize("direction", ["torch->ours", "ours->torch"])
+def test_state_dict_interchange(device, backend, direction):
+    first, second = make_model(device), make_model(device)
+    make_ours = lambda m: triton_adam.AdamW(m.parameters(), lr=1e-2, amsgrad=True,  # noqa: E731
+                                            backend=backend)
+    make_torch = lambda m: torch.optim.AdamW(m.parameters(), lr=1e-2,  # noqa: E731
+                                             amsgrad=True, foreach=False)
+    source_factory, target_factory = ((make_torch, make_ours) if direction == "torch->ours"
+                                      else (make_ours, make_torch))
+    source = source_factory(first)
+    train(first, source, 3)
+    # save through bytes with map_location="cpu", as a checkpoint would be
+    buffer = io.BytesIO()
+    torch.save({"model": first.state_dict(), "opt": source.state_dict()}, buffer)
+    buffer.seek(0)
+    checkpoint = torch.load(buffer, map_location="cpu")
+    second.load_state_dict(checkpoint["model"])
+    target = target_factory(second)
+    target.load_state_dict(checkpoint["opt"])
+    train(first, source, 3, first_seed=3)
+    train(second, target, 3, first_seed=3)
+    assert_same_params(first, second, rtol=1e-5, atol=1e-6)
+    for p in second.parameters():
+        assert target.state[p]["step"].item() == 6
+        assert set(target.state[p]) == {"step", "exp_avg", "exp_avg_sq", "max_exp_avg_sq"}
+    if direction == "torch->ours":
+        for p in second.parameters():
+            step = target.state[p]["step"]
+            assert step.dtype == torch.float32 and step.dim() == 0 and step.device == p.device
+
+
+@pytest.mark.parametrize("device,backend", DEVICE_BACKENDS)
+def test_tensor_lr_is_read_at_every_step(device, backend):
+    """capturable=True with a tensor lr: changing the tensor in place changes the next step."""
+    ours, theirs = make_model(device), make_model(device)
+    lr = torch.tensor(1e-2, device=device)
+    ours_opt = triton_adam.AdamW(ours.parameters(), lr=lr, capturable=True, backend=backend)
+    torch_opt = torch.optim.AdamW(theirs.parameters(), lr=1e-2, foreach=False)
+    for step in range(4):
+        lr.fill_(1e-2 / (step + 1))
+        for group in torch_opt.param_groups:
+            group["lr"] = 1e-2 / (step + 1)
+        train(ours, ours_opt, 1, first_seed=step)
+        train(theirs, torch_opt, 1, first_seed=step)
+    assert_same_params(ours, theirs, rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize("device,backend", DEVICE_BACKENDS)
+def test_lr_scheduler_drives_the_optimizer_like_torch(device, backend):
+    ours, theirs = make_model(device), make_model(device)
+    ours_opt = triton_adam.AdamW(ours.parameters(), lr=1e-2, backend=backend)
+    torch_opt = torch.optim.AdamW(theirs.parameters(), lr=1e-2, foreach=False)
+    schedulers = [torch.optim.lr_scheduler.OneCycleLR(o, max_lr=3e-2, total_steps=6)
+                  for o in (ours_opt, torch_opt)]
+    for step in range(6):
+        train(ours, ours_opt, 1, first_seed=step)
+        train(theirs, torch_opt, 1, first_seed=step)
+        for s in schedulers:
+            s.step()
+    assert_same_params(ours, theirs, rtol=1e-5, atol=1e-6)
+
+
+def test_tables_are_cached_and_rebuilt_only_when_params_change():
+    model = make_model("cpu")
+    opt = triton_adam.AdamW(model.parameters(), lr=1e-2)
+    train(model, opt, 2)
+    plan = opt._plan
+    train(model, opt, 2, first_seed=2)  # new grads every step (set_to_none): same plan
+    assert opt._plan is plan
+    model[0].bias.grad = None  # one param without a grad: a new plan
+    opt.step()
+    assert opt._plan is not plan
+    opt.load_state_dict(opt.state_dict())
+    assert opt._plan is None
+
+
+def test_coefficient_table_poisoned_then_fully_written():
+    pytest.importorskip("triton")
+    from triton_adam._plan import interpreter_enabled
+    if not interpreter_enabled():
+        pytest.skip("needs the Triton interpreter on CPU")
+    model = make_model("cpu")
+    opt = triton_adam.AdamW(model.parameters(), lr=1e-2, backend="triton")
+    reference = make_model("cpu")
+    ref_opt = torch.optim.AdamW(reference.parameters(), lr=1e-2, foreach=False)
+    train(model, opt, 1)
+    train(reference, ref_opt, 1)
+    bucket = opt._plan.triton_buckets[0]
+    bucket.coef_table.fill_(float("nan"))
+    train(model, opt, 2, first_seed=1)
+    train(reference, ref_opt, 2, first_seed=1)
+    assert_same_params(model, reference, rtol=1e-5, atol=1e-6)
+
+
+def test_backend_selection(monkeypatch):
+    params = [torch.nn.Parameter(torch.randn(4, dtype=torch.float64))]
+    params[0].grad = torch.randn(4, dtype=torch.float64)
+    with pytest.raises(ValueError, match="backend"):
+        triton_adam.AdamW(params, backend="cuda")
+    with pytest.raises(TypeError, match="float32, bfloat16 and float16"):
+        triton_adam.AdamW(params, backend="triton").step()
+    before = params[0].detach().clone()
+    triton_adam.AdamW(params).step()  # auto: float64 goes to torch's kernels
+    assert not torch.equal(params[0], before)
+    monkeypatch.setattr("triton_adam._plan.interpreter_enabled", lambda: False)
+    p = torch.nn.Parameter(torch.randn(4))
+    p.grad = torch.randn(4)
+    with pytest.raises(RuntimeError, match="TRITON_INTERPRET"):
+        triton_adam.AdamW([p], backend="triton").step()
+    opt = triton_adam.AdamW([p])  # auto without the interpreter: torch's fused CPU kernel
+    opt.step()
+    assert opt._plan.torch_buckets and not opt._plan.triton_buckets
+
+
+def test_is_a_torch_optimizer_with_torch_defaults():
+    params = [torch.nn.Parameter(torch.randn(3))]
+    opt = triton_adam.AdamW(params)
+    ref = torch.optim.AdamW([torch.nn.Parameter(torch.randn(3))])
+    assert isinstance(opt, torch.optim.Optimizer)
+    for key in ("lr", "betas", "eps", "weight_decay", "amsgrad", "maximize", "capturable"):
+        assert opt.defaults[key] == ref.defaults[key], key
+    assert triton_adam.Adam(params).defaults["weight_decay"] == 0
+
+
+def test_named_parameters_work():
+    model = make_model("cpu")
+    opt = triton_adam.AdamW(model.named_parameters(), lr=1e-2)
+    train(model, opt, 2)
+    assert "param_names" in opt.state_dict()["param_groups"][0]
