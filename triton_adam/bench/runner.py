@@ -1,0 +1,225 @@
+"""Runs every (preset, dtype, provider) case and collects one JSON-ready record."""
+from __future__ import annotations
+
+import gc
+import os
+from dataclasses import asdict, dataclass, field
+from typing import Any, Callable, Dict, List, Optional
+
+import torch
+
+from . import byte_model, env, presets, timing
+from . import providers as provs
+
+DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
+SCHEMA_VERSION = 1
+
+
+@dataclass
+class BenchConfig:
+    """What to run. ``presets=None`` means the device's embedded default."""
+
+    device: str = "auto"
+    presets: Optional[List[str]] = None
+    dtypes: List[str] = field(default_factory=lambda: ["fp32"])
+    providers: Optional[List[str]] = None
+    optim: provs.OptimConfig = field(default_factory=provs.OptimConfig)
+    warmup: int = 3
+    repeats: int = 20
+    quick: bool = False
+    seed: int = 0
+    threads: Optional[int] = None  # torch intra-op threads on CPU; None keeps torch's default
+
+
+def resolve_device(name: str) -> torch.device:
+    """``auto`` is CUDA when present, else CPU."""
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    dev = torch.device(name)
+    if dev.type == "cuda" and not torch.cuda.is_available():
+        raise ValueError("--device cuda requested but torch.cuda.is_available() is False")
+    return dev
+
+
+def _make_params(shapes, dtype, device, seed) -> List[torch.Tensor]:
+    """Params and fresh random (never zero) grads, identical for every provider of a case."""
+    gen = torch.Generator(device=device).manual_seed(seed)
+    params = []
+    for _, shape in shapes:
+        p = torch.randn(shape, dtype=dtype, device=device, generator=gen)
+        p.grad = torch.randn(shape, dtype=dtype, device=device, generator=gen)
+        params.append(p)
+    return params
+
+
+def _memory_needed(shapes, dtype: torch.dtype, cfg: provs.OptimConfig) -> int:
+    """Params, grads and states, plus room for a few temporaries of the largest tensor (foreach)."""
+    numels = [presets.numel(s) for _, s in shapes]
+    size = byte_model.dtype_size(dtype)
+    n_states = 3 if cfg.amsgrad else 2
+    return sum(numels) * size * (2 + n_states) + 3 * max(numels) * size
+
+
+def _case_skip_reason(preset: presets.Preset, shapes, dtype, device, cfg) -> Optional[str]:
+    if preset.gpu_only and device.type != "cuda":
+        return "GPU-only preset"
+    if device.type == "cuda":
+        need = _memory_needed(shapes, dtype, cfg)
+        free, _ = torch.cuda.mem_get_info(device)
+        if need > 0.9 * free:
+            return f"needs ~{need / 2**30:.1f} GiB, {free / 2**30:.1f} GiB free"
+    return None
+
+
+def _step_bytes(provider, opt, params, dtype, cfg) -> Optional[int]:
+    if provider.bytes_source == "state":
+        return byte_model.bytes_from_optimizer_state(opt, params)
+    # Use the state dtype the optimizer really allocated (fp32 states for bf16 params cost more).
+    exp_avg = opt.state.get(params[0], {}).get("exp_avg")
+    state_dtype = exp_avg.dtype if isinstance(exp_avg, torch.Tensor) else dtype
+    return byte_model.adam_step_bytes(
+        (p.numel() for p in params), dtype, params[0].grad.dtype, state_dtype, cfg.amsgrad
+    )
+
+
+def _run_one(provider, factory, shapes, dtype, device, cfg: BenchConfig) -> Dict[str, Any]:
+    params = _make_params(shapes, dtype, device, cfg.seed)
+    opt = None
+    try:
+        opt = factory(params, cfg.optim)
+        t = timing.time_steps(opt.step, device, warmup=max(cfg.warmup, 1), repeats=cfg.repeats)
+        nbytes = _step_bytes(provider, opt, params, dtype, cfg.optim)
+    finally:
+        del opt, params
+        gc.collect()
+        if device.type == "cuda":
+            torch.cuda.empty_cache()
+    return {
+        "status": "ok",
+        "median_ms": t.median_ms,
+        "min_ms": t.min_ms,
+        "max_ms": t.max_ms,
+        "host_ms": t.host_median_ms,
+        "repeats": t.repeats,
+        "peak_extra_bytes": t.peak_extra_bytes,
+        "bytes_per_step": nbytes,
+        "bytes_source": provider.bytes_source,
+        "gbps": (nbytes / (t.median_ms * 1e-3) / 1e9) if nbytes else None,
+    }
+
+
+def _derive(results: List[Dict[str, Any]], copy_gbps: Optional[float]) -> None:
+    """Fraction of copy bandwidth and speed relative to torch fused, within each case."""
+    fused = {
+        (r["preset"], r["dtype"]): r["median_ms"]
+        for r in results
+        if r["provider"] == "fused" and r["status"] == "ok"
+    }
+    for r in results:
+        if r["status"] != "ok":
+            continue
+        r["fraction_of_copy"] = (r["gbps"] / copy_gbps) if (r["gbps"] and copy_gbps) else None
+        f = fused.get((r["preset"], r["dtype"]))
+        # > 1 means faster than torch fused.
+        r["speedup_vs_fused"] = (f / r["median_ms"]) if f else None
+
+
+def count_cases(cfg: BenchConfig, device: torch.device) -> int:
+    """Number of progress ticks a run makes: copy bandwidth plus one per case and provider."""
+    names = cfg.presets or [presets.default_preset(device.type)]
+    return 1 + len(names) * len(cfg.dtypes) * len(provs.select(cfg.providers))
+
+
+def run_bench(
+    cfg: BenchConfig, on_progress: Optional[Callable[[str], None]] = None
+) -> Dict[str, Any]:
+    """Run the benchmark and return its record. Ctrl-C stops it early: the record then holds
+    what was measured so far and ``interrupted: true``."""
+    device = resolve_device(cfg.device)
+    if cfg.threads:
+        torch.set_num_threads(cfg.threads)
+    preset_names = cfg.presets or [presets.default_preset(device.type)]
+    for name in preset_names:
+        presets.get_preset(name)  # fail fast on typos
+    for d in cfg.dtypes:
+        if d not in DTYPES:
+            raise ValueError(f"unknown dtype {d!r}; choose from: {', '.join(DTYPES)}")
+    selected = provs.select(cfg.providers)
+    tick = on_progress or (lambda _msg: None)
+
+    record: Dict[str, Any] = {
+        "schema_version": SCHEMA_VERSION,
+        "run": env.run_metadata(device),
+        "config": {
+            "presets": preset_names,
+            "dtypes": cfg.dtypes,
+            "providers": [p.name for p in selected],
+            "optimizer": asdict(cfg.optim),
+            "warmup": cfg.warmup,
+            "repeats": cfg.repeats,
+            "quick": cfg.quick,
+            "seed": cfg.seed,
+            "threads": torch.get_num_threads(),
+        },
+        "byte_model": {"note": byte_model.NEGLIGIBLE_NOTE},
+        "timing_note": (
+            "median over repeats after warm-up; CUDA events + synchronize on GPU, "
+            "perf_counter on CPU; host_ms is the wall time of step() without synchronizing "
+            "(equal to step time on CPU); peak_extra_bytes is null on CPU (not measurable)"
+        ),
+        "presets": {},
+        "copy_bandwidth": None,
+        "results": [],
+        "interrupted": False,
+    }
+    results: List[Dict[str, Any]] = record["results"]
+    try:
+        tick("copy bandwidth")
+        bw = timing.measure_copy_bandwidth(device, timing.default_copy_bytes(device))
+        record["copy_bandwidth"] = {"bytes_copied": bw.nbytes, "median_ms": bw.median_ms,
+                                    "gbps": bw.gbps, "counts": "read + write"}
+        for pname in preset_names:
+            preset = presets.get_preset(pname)
+            shapes = preset.params()
+            record["presets"][pname] = {"description": preset.description, **presets.describe(shapes)}
+            for dname in cfg.dtypes:
+                dtype = DTYPES[dname]
+                case_reason = _case_skip_reason(preset, shapes, dtype, device, cfg.optim)
+                for prov in selected:
+                    tick(f"{pname} {dname} {prov.name}")
+                    row: Dict[str, Any] = {"preset": pname, "dtype": dname, "provider": prov.name,
+                                           "description": prov.description}
+                    # Import first: "not installed" says more than "needs a CUDA device".
+                    reason, factory = case_reason, None
+                    if reason is None:
+                        factory, reason = provs.load_factory(prov, cfg.optim)
+                    if reason is None:
+                        reason = prov.unsupported_reason(device, cfg.optim)
+                    if reason is not None:
+                        row.update(status="skipped", reason=reason)
+                    else:
+                        try:
+                            row.update(_run_one(prov, factory, shapes, dtype, device, cfg))
+                        except KeyboardInterrupt:
+                            raise
+                        except Exception as exc:
+                            row.update(status="error", reason=f"{type(exc).__name__}: {exc}")
+                    results.append(row)
+    except KeyboardInterrupt:
+        record["interrupted"] = True
+    copy = record["copy_bandwidth"]
+    _derive(results, copy["gbps"] if copy else None)
+    record["warnings"] = _load_warnings(device)
+    return record
+
+
+def _load_warnings(device: torch.device) -> List[str]:
+    """Flag CPU runs on an oversubscribed machine: with more runnable threads than cores, torch's
+    OpenMP barriers wait for descheduled threads and a 3 ms step can take 600 ms."""
+    if device.type != "cpu" or not hasattr(os, "getloadavg"):
+        return []
+    load, cores = os.getloadavg()[0], os.cpu_count() or 1
+    if load > cores + 1:
+        return [f"load average {load:.1f} on {cores} cores while measuring: CPU timings are "
+                f"unreliable (other processes compete); --threads 1 is steadier"]
+    return []

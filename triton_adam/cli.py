@@ -1,0 +1,253 @@
+"""The ``triton-adam`` command: bench, kernels, check, experiments, report.
+
+Thin argparse layer: each subcommand imports its machinery lazily, so ``--help`` is instant and
+a missing optional piece only breaks the subcommand that needs it.
+"""
+from __future__ import annotations
+
+import argparse
+import importlib.util
+import json
+import os
+import sys
+from typing import List, Optional
+
+# Exit codes beyond 0/1: the feature needed is not installed or not written yet; Ctrl-C.
+EXIT_UNAVAILABLE = 2
+EXIT_INTERRUPTED = 130
+
+
+def _csv(text: str) -> List[str]:
+    return [part.strip() for part in text.split(",") if part.strip()]
+
+
+def _console():
+    from triton_adam.bench.console import make_console
+
+    return make_console()
+
+
+def _error(msg: str) -> None:
+    _console().print(f"[bold red]error:[/bold red] {msg}", highlight=False)
+
+
+# ---------------------------------------------------------------- bench
+def cmd_bench(args: argparse.Namespace) -> int:
+    from triton_adam.bench import env, presets, report, runner
+    from triton_adam.bench.console import progress_bar
+    from triton_adam.bench.providers import OptimConfig
+
+    if args.list:
+        con = _console()
+        for name in presets.preset_names():
+            p = presets.get_preset(name)
+            d = presets.describe(p.params())
+            con.print(f"{name:16s} {d['num_tensors']:5d} tensors {d['num_params']:>14,d} params  "
+                      f"{p.description}", highlight=False)
+        return 0
+
+    cfg = runner.BenchConfig(
+        device=args.device,
+        presets=_csv(args.preset) if args.preset else None,
+        dtypes=_csv(args.dtype),
+        providers=_csv(args.providers) if args.providers else None,
+        optim=OptimConfig(kind=args.optimizer, amsgrad=args.amsgrad),
+        warmup=1 if args.quick else 3,
+        repeats=args.steps or (5 if args.quick else 20),
+        quick=args.quick,
+        threads=args.threads,
+    )
+    try:
+        device = runner.resolve_device(cfg.device)
+        total = runner.count_cases(cfg, device)
+    except (ValueError, KeyError, RuntimeError) as exc:
+        _error(str(exc).strip("'\""))
+        return 1
+
+    console = _console()
+    with progress_bar(console, total) as tick:
+        try:
+            record = runner.run_bench(cfg, tick)
+        except (ValueError, KeyError) as exc:
+            _error(str(exc).strip("'\""))
+            return 1
+
+    report.print_results(record, console)
+    json_path = args.json or report.default_json_path(record, env.device_slug(device))
+    written = report.write_json(record, json_path)
+    console.print(f"wrote {written}", highlight=False)
+    if args.plot:
+        try:
+            console.print(f"wrote {report.write_plot(record, args.plot)}", highlight=False)
+        except ImportError as exc:
+            _error(f"--plot needs matplotlib ({exc}); pip install 'triton-adam[plot]'")
+            return EXIT_UNAVAILABLE
+    if record["interrupted"]:
+        console.print("[yellow]interrupted: the table and JSON hold what was measured so far[/yellow]")
+        return EXIT_INTERRUPTED
+    return 0
+
+
+# ---------------------------------------------------------------- kernels
+def cmd_kernels(args: argparse.Namespace) -> int:
+    # AOT compilation must not run under the interpreter; drop the flag before triton loads.
+    if os.environ.get("TRITON_INTERPRET", "0") not in ("", "0"):
+        if "triton" in sys.modules:
+            _error("TRITON_INTERPRET is set and triton is already imported; unset it and rerun")
+            return 1
+        del os.environ["TRITON_INTERPRET"]
+    from triton_adam.bench.kernel_report import KernelReportUnavailable, kernels_table, load_compile_all
+
+    try:
+        compile_all = load_compile_all()
+    except KernelReportUnavailable as exc:
+        _error(str(exc))
+        return EXIT_UNAVAILABLE
+    rows = compile_all(target=args.target)
+    try:
+        table = kernels_table(rows, args.target)
+    except ValueError as exc:
+        _error(str(exc))
+        return 1
+    _console().print(table)
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump({"target": args.target, "kernels": rows}, f, indent=2, default=str)
+    return 0
+
+
+# ---------------------------------------------------------------- check
+def cmd_check(args: argparse.Namespace) -> int:
+    from triton_adam.bench import parity, runner
+    from triton_adam.bench.console import make_table as Table
+
+    make, reason = parity.load_triton_adamw()
+    if make is None:
+        _error(f"triton_adam.AdamW is not available ({reason})")
+        return EXIT_UNAVAILABLE
+    device = runner.resolve_device(args.device)
+    dtypes = _csv(args.dtype)
+    results = parity.run_parity(make, device, dtypes=dtypes, steps=args.steps)
+    try:
+        context = {r.dtype: r for r in parity.run_parity(parity.torch_fused_adamw, device,
+                                                         dtypes=dtypes, steps=args.steps)}
+    except Exception:  # fused unsupported for a dtype/device: the context column shows n/a
+        context = {}
+    table = Table(title=f"triton_adam.AdamW vs torch.optim.AdamW(foreach=False) on {device}, "
+                        f"{args.steps} steps",
+                  caption="update err = |ours - torch| / |torch - initial| over all params; "
+                          "torch fused shows the same figure for torch's own fused AdamW")
+    for col in ("dtype", "elements", "max abs err", "max rel err", "update err",
+                "torch fused update err", "tolerance", "ok"):
+        table.add_column(col, justify="left" if col == "dtype" else "right")
+    for r in results:
+        ctx = context.get(r.dtype)
+        table.add_row(r.dtype, str(r.numel), f"{r.max_abs:.3e}", f"{r.max_rel:.3e}",
+                      f"{r.update_rel_err:.3e}", "n/a" if ctx is None else f"{ctx.update_rel_err:.3e}",
+                      f"{r.tolerance:.0e}",
+                      "[green]yes[/green]" if r.within_tolerance else "[red]NO[/red]")
+    _console().print(table)
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump({"device": str(device), "results": parity.as_dicts(results),
+                       "torch_fused": parity.as_dicts(list(context.values()))}, f, indent=2)
+    return 0 if all(r.within_tolerance for r in results) else 1
+
+
+# ---------------------------------------------------------------- experiments
+def cmd_experiments(args: argparse.Namespace) -> int:
+    if importlib.util.find_spec("sklearn") is None:
+        _error("the experiments need scikit-learn: pip install 'triton-adam[experiments]'")
+        return EXIT_UNAVAILABLE
+    try:
+        from triton_adam.experiments import run_experiments
+    except Exception as exc:
+        _error(f"triton_adam.experiments is not available ({type(exc).__name__}: {exc})")
+        return EXIT_UNAVAILABLE
+    path = run_experiments(out_dir=args.out, quick=args.quick)
+    _console().print(f"report: {path}", highlight=False)
+    return 0
+
+
+# ---------------------------------------------------------------- report
+def cmd_report(args: argparse.Namespace) -> int:
+    from triton_adam.bench.console import make_table as Table
+
+    table = Table(title="recorded bench runs")
+    for col in ("device", "preset", "dtype", "provider", "step ms", "GB/s", "% copy", "vs fused"):
+        table.add_column(col, justify="right" if col in ("step ms", "GB/s", "% copy", "vs fused") else "left")
+    for path in args.files:
+        try:
+            with open(path) as f:
+                record = json.load(f)
+        except (OSError, ValueError) as exc:
+            _error(f"{path}: {exc}")
+            return 1
+        dev = record["run"]["device_name"]
+        for r in record["results"]:
+            if r["status"] != "ok":
+                continue
+            frac, vs = r.get("fraction_of_copy"), r.get("speedup_vs_fused")
+            table.add_row(dev, r["preset"], r["dtype"], r["provider"], f"{r['median_ms']:.3f}",
+                          "n/a" if r["gbps"] is None else f"{r['gbps']:.1f}",
+                          "n/a" if frac is None else f"{100 * frac:.0f}",
+                          "n/a" if vs is None else f"{vs:.2f}x")
+    _console().print(table)
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    """The argparse tree of the ``triton-adam`` command."""
+    parser = argparse.ArgumentParser(prog="triton-adam",
+                                     description="Benchmarks and checks for triton-adam.")
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    b = sub.add_parser("bench", help="time Adam/AdamW steps of several implementations")
+    b.add_argument("--preset", help="preset name(s), comma-separated (default: llama-3.2-1b on "
+                                    "CUDA, gpt2-small-cpu on CPU); see --list")
+    b.add_argument("--list", action="store_true", help="list the presets and exit")
+    b.add_argument("--dtype", default="fp32", help="fp32, bf16, fp16; comma-separated for several")
+    b.add_argument("--optimizer", choices=("adam", "adamw"), default="adamw")
+    b.add_argument("--amsgrad", action="store_true")
+    b.add_argument("--providers", help="comma-separated subset (default: all)")
+    b.add_argument("--device", default="auto", help="auto (CUDA if present), cpu, cuda, cuda:N")
+    b.add_argument("--steps", type=int, help="timed steps per provider (default 20, --quick 5)")
+    b.add_argument("--json", help="output JSON path (default bench-results/<device>-<date>.json)")
+    b.add_argument("--plot", help="write a bar chart PNG here (needs matplotlib)")
+    b.add_argument("--quick", action="store_true", help="1 warm-up + 5 timed steps: seconds on CPU")
+    b.add_argument("--threads", type=int, help="torch CPU threads (a busy machine times far more "
+                                               "steadily with 1)")
+    b.set_defaults(func=cmd_bench)
+
+    k = sub.add_parser("kernels", help="compile every kernel specialisation ahead of time and "
+                                       "print registers, spills, vector widths, PTX size")
+    k.add_argument("--target", default="sm_90")
+    k.add_argument("--json", help="also write the rows as JSON here")
+    k.set_defaults(func=cmd_kernels)
+
+    c = sub.add_parser("check", help="parity self-test against torch.optim.AdamW")
+    c.add_argument("--device", default="auto")
+    c.add_argument("--dtype", default="fp32,bf16,fp16")
+    c.add_argument("--steps", type=int, default=5)
+    c.add_argument("--json", help="also write the errors as JSON here")
+    c.set_defaults(func=cmd_check)
+
+    e = sub.add_parser("experiments", help="run the experiments report (needs scikit-learn)")
+    e.add_argument("--quick", action="store_true")
+    e.add_argument("--out", default="experiments-out")
+    e.set_defaults(func=cmd_experiments)
+
+    r = sub.add_parser("report", help="summarise recorded bench JSON files in one table")
+    r.add_argument("files", nargs="+")
+    r.set_defaults(func=cmd_report)
+    return parser
+
+
+def main(argv: Optional[List[str]] = None) -> int:
+    """Entry point of the ``triton-adam`` console script and ``python -m triton_adam``."""
+    args = build_parser().parse_args(argv)
+    return args.func(args)
+
+
+if __name__ == "__main__":
+    sys.exit(main())
