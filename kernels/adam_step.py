@@ -8,9 +8,10 @@ count. The host keeps four device tables per bucket (see ``triton_adam/_plan.py`
 * ``grad_table`` int64 ``[n_tensors]``: grad addresses, kept apart because they change every step
   under ``zero_grad(set_to_none=True)`` while everything else stays put;
 * ``block_map`` int32 ``[n_blocks, 2]``: (tensor index, block index inside that tensor) per program;
-* ``hyper_table`` float64 ``[n_groups, HYPER_WIDTH]``: lr, beta1, beta2, eps, weight_decay and
-  the group's decoupled_weight_decay and maximize flags (0 or 1), so groups that differ in any of
-  them still share one launch.
+* ``hyper_table`` float64 ``[n_groups, HYPER_WIDTH]``: lr, beta1, beta2, eps, weight_decay, the
+  group's flags as 0/1 (decoupled_weight_decay, maximize, eps_mode "paper", bias_correction,
+  weight_decay_mode "schedule"), its initial_lr and max_grad_norm (inf when not clipping), so
+  groups that differ in any of them still share one launch.
 
 ``adam_coefficients_kernel`` runs first (one lane per tensor): it advances each tensor's step and
 derives that tensor's scalars in float64, rounding each once to float32 as torch does with its
@@ -26,12 +27,14 @@ COL_PARAM, COL_EXP_AVG, COL_EXP_AVG_SQ, COL_MAX_EXP_AVG_SQ, COL_STEP, COL_NUMEL,
     tl.constexpr, range(7))
 TABLE_WIDTH = tl.constexpr(8)
 # hyper_table columns
-HYP_LR, HYP_BETA1, HYP_BETA2, HYP_EPS, HYP_WEIGHT_DECAY, HYP_DECOUPLED, HYP_MAXIMIZE = map(
-    tl.constexpr, range(7))
-HYPER_WIDTH = tl.constexpr(8)
+(HYP_LR, HYP_BETA1, HYP_BETA2, HYP_EPS, HYP_WEIGHT_DECAY, HYP_DECOUPLED, HYP_MAXIMIZE,
+ HYP_EPS_PAPER, HYP_BIAS_CORRECTION, HYP_DECAY_SCHEDULE, HYP_INITIAL_LR,
+ HYP_MAX_GRAD_NORM) = map(tl.constexpr, range(12))
+HYPER_WIDTH = tl.constexpr(16)
 # coef_table columns
 (COEF_ONE_MINUS_BETA1, COEF_BETA2, COEF_ONE_MINUS_BETA2, COEF_EPS, COEF_NEG_STEP_SIZE,
- COEF_BC2_SQRT, COEF_PARAM_SCALE, COEF_L2, COEF_GRAD_SIGN) = map(tl.constexpr, range(9))
+ COEF_BC2_SQRT, COEF_PARAM_SCALE, COEF_L2, COEF_GRAD_SIGN, COEF_CLIP) = map(tl.constexpr,
+                                                                          range(10))
 COEF_WIDTH = tl.constexpr(12)
 
 COEF_BLOCK = 128  # tensors per program of the coefficient kernel
@@ -51,13 +54,16 @@ def _pow_int(base, exponent, N_BITS: tl.constexpr):
 
 @triton.jit
 def adam_coefficients_kernel(
-    tensor_table, hyper_table, coef_table, found_inf_ptr, n_tensors,
-    HAS_FOUND_INF: tl.constexpr, BLOCK: tl.constexpr,
+    tensor_table, hyper_table, coef_table, found_inf_ptr, grad_norm_ptr, n_tensors,
+    HAS_FOUND_INF: tl.constexpr, HAS_GRAD_NORM: tl.constexpr, BLOCK: tl.constexpr,
 ):
     """Advance ``step`` of each tensor and write its float32 update scalars.
 
-    Reads per tensor 2 table entries, its group's 7 float64 hyperparameters and its float32 step;
-    writes the step (unless ``found_inf`` is set) and COEF_WIDTH float32 scalars.
+    Reads per tensor 2 table entries, its group's float64 hyperparameters and its float32 step;
+    writes the step (unless ``found_inf`` is set) and COEF_WIDTH float32 scalars. With
+    HAS_GRAD_NORM, ``grad_norm_ptr`` holds the global grad norm and each tensor gets the clip
+    factor ``min(1, max_grad_norm / (norm + 1e-6))`` of its group, computed as torch's
+    clip_grad_norm_ does.
     """
     rows = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
     row_in_range = rows < n_tensors
@@ -73,6 +79,11 @@ def adam_coefficients_kernel(
     weight_decay = tl.load(hyper + HYP_WEIGHT_DECAY, mask=row_in_range, other=0.0)
     decoupled = tl.load(hyper + HYP_DECOUPLED, mask=row_in_range, other=0.0) != 0.0
     maximize = tl.load(hyper + HYP_MAXIMIZE, mask=row_in_range, other=0.0) != 0.0
+    eps_paper = tl.load(hyper + HYP_EPS_PAPER, mask=row_in_range, other=0.0) != 0.0
+    bias_correction = tl.load(hyper + HYP_BIAS_CORRECTION, mask=row_in_range, other=1.0) != 0.0
+    decay_schedule = tl.load(hyper + HYP_DECAY_SCHEDULE, mask=row_in_range, other=0.0) != 0.0
+    initial_lr = tl.load(hyper + HYP_INITIAL_LR, mask=row_in_range, other=1.0)
+    max_grad_norm = tl.load(hyper + HYP_MAX_GRAD_NORM, mask=row_in_range, other=0.0)
 
     step_taken = row_in_range
     if HAS_FOUND_INF:
@@ -85,13 +96,25 @@ def adam_coefficients_kernel(
 
     # float64 like torch's host-side Python scalars: 1 - beta**t cancels badly in float32.
     t = step.to(tl.int32)
-    bias_correction1 = 1.0 - _pow_int(beta1, t, _STEP_BITS)
-    bias_correction2 = 1.0 - _pow_int(beta2, t, _STEP_BITS)
-    step_size = lr / tl.where(step_taken, bias_correction1, 1.0)
+    bias_correction1 = tl.where(bias_correction, 1.0 - _pow_int(beta1, t, _STEP_BITS), 1.0)
+    bias_correction2 = tl.where(bias_correction, 1.0 - _pow_int(beta2, t, _STEP_BITS), 1.0)
+    bias_correction1 = tl.where(step_taken, bias_correction1, 1.0)
     bc2_sqrt = tl.sqrt(bias_correction2)
-    # AdamW scales the param by 1 - lr*wd (exactly 1 when wd is 0); Adam adds wd*param to grad.
-    param_scale = tl.where(decoupled, 1.0 - lr * weight_decay, 1.0)
+    # torch: p -= lr/bc1 * m / (sqrt(v)/sqrt(bc2) + eps). The Adam paper's efficient form:
+    # p -= (lr*sqrt(bc2)/bc1) * m / (sqrt(v) + eps), eps on the uncorrected root.
+    step_size = tl.where(eps_paper, lr * bc2_sqrt / bias_correction1, lr / bias_correction1)
+    bc2_sqrt = tl.where(eps_paper, 1.0, bc2_sqrt)
+    # AdamW scales the param by 1 - lr*wd (exactly 1 when wd is 0), or with the AdamW paper's
+    # schedule multiplier by 1 - (lr/initial_lr)*wd; Adam adds wd*param to the grad.
+    decay_rate = tl.where(decay_schedule, lr / initial_lr, lr)
+    param_scale = tl.where(decoupled, 1.0 - decay_rate * weight_decay, 1.0)
     l2 = tl.where(decoupled, 0.0, weight_decay)
+    clip = tl.full(rows.shape, 1.0, tl.float32)
+    if HAS_GRAD_NORM:
+        # float32, as torch.nn.utils.clip_grad_norm_ computes it; a NaN norm stays NaN.
+        grad_norm = tl.load(grad_norm_ptr + rows * 0)
+        clip_coef = tl.div_rn(max_grad_norm.to(tl.float32), grad_norm + 1e-6)
+        clip = tl.where(clip_coef > 1.0, 1.0, clip_coef)
 
     coef = coef_table + rows64 * COEF_WIDTH
     tl.store(coef + COEF_ONE_MINUS_BETA1, (1.0 - beta1).to(tl.float32), mask=row_in_range)
@@ -103,6 +126,7 @@ def adam_coefficients_kernel(
     tl.store(coef + COEF_PARAM_SCALE, param_scale.to(tl.float32), mask=row_in_range)
     tl.store(coef + COEF_L2, l2.to(tl.float32), mask=row_in_range)
     tl.store(coef + COEF_GRAD_SIGN, tl.where(maximize, -1.0, 1.0).to(tl.float32), mask=row_in_range)
+    tl.store(coef + COEF_CLIP, clip, mask=row_in_range)
 
 
 @triton.jit
@@ -125,7 +149,7 @@ def _store_rounded(ptr, value, mask, DTYPE: tl.constexpr):
 def _adam_block(
     param_ptr, grad_ptr, exp_avg_ptr, exp_avg_sq_ptr, max_exp_avg_sq_ptr, offsets, mask,
     one_minus_beta1, beta2, one_minus_beta2, eps, neg_step_size, bc2_sqrt, param_scale, l2,
-    grad_sign, grad_scale,
+    grad_sign, clip, grad_scale,
     PARAM_DTYPE: tl.constexpr, STATE_DTYPE: tl.constexpr, AMSGRAD: tl.constexpr,
     HAS_GRAD_SCALE: tl.constexpr,
 ):
@@ -143,6 +167,7 @@ def _adam_block(
     # agree with torch to an ulp.
     if HAS_GRAD_SCALE:
         grad = tl.div_rn(grad, grad_scale)
+    grad = grad * clip  # 1.0 unless clipping: the grads are clipped here, never rewritten
     grad = grad * grad_sign  # exact: maximize negates
     param = param * param_scale
     if l2 != 0.0:
@@ -209,6 +234,7 @@ def adam_step_kernel(
         param_scale = tl.load(coef + COEF_PARAM_SCALE)
         l2 = tl.load(coef + COEF_L2)
         grad_sign = tl.load(coef + COEF_GRAD_SIGN)
+        clip = tl.load(coef + COEF_CLIP)
         grad_scale = 1.0
         if HAS_GRAD_SCALE:
             grad_scale = tl.load(grad_scale_ptr)
@@ -236,7 +262,7 @@ def adam_step_kernel(
                             exp_avg_ptr + tile_start, exp_avg_sq_ptr + tile_start,
                             max_exp_avg_sq_ptr + tile_start, lanes, None,
                             one_minus_beta1, beta2, one_minus_beta2, eps, neg_step_size,
-                            bc2_sqrt, param_scale, l2, grad_sign, grad_scale,
+                            bc2_sqrt, param_scale, l2, grad_sign, clip, grad_scale,
                             PARAM_DTYPE, STATE_DTYPE, AMSGRAD, HAS_GRAD_SCALE)
             elif remaining > 0:
                 _adam_block(param_ptr + tile_start, grad_ptr + tile_start,
@@ -244,17 +270,24 @@ def adam_step_kernel(
                             max_exp_avg_sq_ptr + tile_start, lanes,
                             lanes < remaining.to(tl.int32),
                             one_minus_beta1, beta2, one_minus_beta2, eps, neg_step_size,
-                            bc2_sqrt, param_scale, l2, grad_sign, grad_scale,
+                            bc2_sqrt, param_scale, l2, grad_sign, clip, grad_scale,
                             PARAM_DTYPE, STATE_DTYPE, AMSGRAD, HAS_GRAD_SCALE)
 
 
-def launch_adam_coefficients(tensor_table, hyper_table, coef_table, found_inf, n_tensors):
-    """Advance the steps and fill ``coef_table``; ``found_inf`` is a float32 tensor or None."""
+def launch_adam_coefficients(tensor_table, hyper_table, coef_table, found_inf, grad_norm,
+                             n_tensors):
+    """Advance the steps and fill ``coef_table``.
+
+    ``found_inf`` (skip the step when nonzero) and ``grad_norm`` (clip against each group's
+    max_grad_norm) are 0-d float32 device tensors or None.
+    """
     grid = (triton.cdiv(n_tensors, COEF_BLOCK),)
     adam_coefficients_kernel[grid](
         tensor_table, hyper_table, coef_table,
-        found_inf if found_inf is not None else coef_table, n_tensors,
-        HAS_FOUND_INF=found_inf is not None, BLOCK=COEF_BLOCK,
+        found_inf if found_inf is not None else coef_table,
+        grad_norm if grad_norm is not None else coef_table, n_tensors,
+        HAS_FOUND_INF=found_inf is not None, HAS_GRAD_NORM=grad_norm is not None,
+        BLOCK=COEF_BLOCK,
         num_warps=4,
     )
 

@@ -15,29 +15,11 @@ import torch
 from torch import Tensor
 
 from . import _validation
+from ._grad_norm import TritonGradNorm
+from ._tables import (ALIGNED_TILE_SIZE, ALIGNMENT, BLOCK_SIZE, NUM_WARPS, UNALIGNED_TILE_SIZE,
+                      build_block_map, triton_dtype, upload)
+from ._torch_backend import TorchBucket, grad_norm_and_nonfinite
 from .kernels import adam_step as K
-
-# Elements per program and warps per program of the step kernel (16 float32 per thread), and
-# the tile a program updates at a time: all of it when 16-byte aligned, half otherwise (scalar
-# accesses need more registers: a whole block spills; half of one does not, with up to 162
-# registers; a quarter spilled again for bfloat16 amsgrad under ptxas 13).
-BLOCK_SIZE = 4096
-NUM_WARPS = 8
-ALIGNED_TILE_SIZE = 4096
-UNALIGNED_TILE_SIZE = 2048
-ALIGNMENT = 16
-
-_TRITON_DTYPES = None
-
-
-def _triton_dtype(dtype: torch.dtype):
-    global _TRITON_DTYPES
-    if _TRITON_DTYPES is None:
-        import triton.language as tl
-        _TRITON_DTYPES = {torch.float32: tl.float32, torch.bfloat16: tl.bfloat16,
-                          torch.float16: tl.float16}
-    return _TRITON_DTYPES[dtype]
-
 
 TRITON_PARAM_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 
@@ -83,6 +65,19 @@ class Member:
         return torch.view_as_real(tensor) if tensor.is_complex() else tensor
 
 
+def hyper_row(group: dict, lr, max_grad_norm) -> tuple:
+    """The float64 hyperparameter row of one param group, in HYP_* column order."""
+    beta1, beta2 = group["betas"]
+    initial_lr = group.get("initial_lr", lr)
+    return (float(lr), float(beta1), float(beta2), float(group["eps"]),
+            float(group["weight_decay"]), float(bool(group.get("decoupled_weight_decay", False))),
+            float(bool(group["maximize"])), float(group.get("eps_mode", "torch") == "paper"),
+            float(bool(group.get("bias_correction", True))),
+            float(group.get("weight_decay_mode", "torch") == "schedule"),
+            float(initial_lr) if float(initial_lr) != 0.0 else 1.0,
+            float("inf") if max_grad_norm is None else float(max_grad_norm))
+
+
 class HyperTable:
     """float64 ``[n_groups, HYPER_WIDTH]`` on one device; uploaded only when a value changes.
 
@@ -96,55 +91,22 @@ class HyperTable:
         self.table = torch.zeros((n_groups, int(K.HYPER_WIDTH)), dtype=torch.float64, device=device)
         self._keep_alive = []  # host buffers read by captured copies
 
-    def update(self, groups) -> Tensor:
+    def update(self, groups, max_grad_norm) -> Tensor:
         rows, device_lrs = [], []
         for index, group in enumerate(groups):
             lr = group["lr"]
             if isinstance(lr, Tensor) and lr.device == self.device and self.device.type != "cpu":
                 device_lrs.append((index, lr))
                 lr = 0.0
-            beta1, beta2 = group["betas"]
-            rows.append((float(lr), float(beta1), float(beta2), float(group["eps"]),
-                         float(group["weight_decay"]),
-                         float(bool(group.get("decoupled_weight_decay", False))),
-                         float(bool(group["maximize"]))))
+            rows.append(hyper_row(group, lr, max_grad_norm))
         if rows != self.values:
             host = torch.zeros((len(rows), int(K.HYPER_WIDTH)), dtype=torch.float64)
-            host[:, :7] = torch.tensor(rows, dtype=torch.float64)
-            _upload(host, self.table, self._keep_alive)
+            host[:, :len(rows[0])] = torch.tensor(rows, dtype=torch.float64)
+            upload(host, self.table, self._keep_alive)
             self.values = rows
         for index, lr in device_lrs:
             self.table[index, int(K.HYP_LR)].copy_(lr)
         return self.table
-
-
-def _upload(host: Tensor, device_tensor: Tensor, keep_alive: list) -> None:
-    """Copy a small host tensor into ``device_tensor`` without waiting for the device."""
-    if device_tensor.device.type == "cpu":
-        device_tensor.copy_(host)
-        return
-    pinned = host.pin_memory()
-    device_tensor.copy_(pinned, non_blocking=True)
-    if torch.cuda.is_current_stream_capturing():
-        # A captured copy re-reads this host buffer at every replay.
-        keep_alive.append(pinned)
-
-
-def build_block_map(blocks_per_tensor: np.ndarray) -> np.ndarray:
-    """int32 ``[n_blocks, 2]``: (tensor index, block index in that tensor) for each program.
-
-    Block indices stay int32 (2**31 blocks of BLOCK_SIZE elements); the kernel widens them to
-    int64 before multiplying by BLOCK_SIZE.
-    """
-    blocks_per_tensor = np.asarray(blocks_per_tensor, dtype=np.int64)
-    n_blocks = int(blocks_per_tensor.sum())
-    if n_blocks >= 2**31:
-        raise ValueError(f"{n_blocks} blocks exceed one launch's grid; split the model")
-    tensor_index = np.repeat(np.arange(len(blocks_per_tensor), dtype=np.int32),
-                             blocks_per_tensor)
-    first_block = np.cumsum(blocks_per_tensor) - blocks_per_tensor
-    block_index = np.arange(n_blocks, dtype=np.int64) - np.repeat(first_block, blocks_per_tensor)
-    return np.ascontiguousarray(np.stack([tensor_index, block_index.astype(np.int32)], axis=1))
 
 
 class TritonBucket:
@@ -184,11 +146,12 @@ class TritonBucket:
         self.grads_aligned = False
         self._keep_alive = []
         self.spec = dict(
-            PARAM_DTYPE=_triton_dtype(dtype), GRAD_DTYPE=_triton_dtype(dtype),
-            STATE_DTYPE=_triton_dtype(dtype), AMSGRAD=amsgrad,
+            PARAM_DTYPE=triton_dtype(dtype), GRAD_DTYPE=triton_dtype(dtype),
+            STATE_DTYPE=triton_dtype(dtype), AMSGRAD=amsgrad,
         )
 
-    def launch(self, grads, hyper_table, grad_scale, found_inf):
+    def prepare(self, grads) -> None:
+        """Point the grad table at this step's grads (an upload only if they moved)."""
         n = len(self.members)
         ptrs = np.fromiter((g.data_ptr() for g in grads), dtype=np.int64, count=n)
         if self.grad_ptrs is None or not np.array_equal(ptrs, self.grad_ptrs):
@@ -197,48 +160,26 @@ class TritonBucket:
                 raise RuntimeError(
                     "triton-adam: grads moved to new memory during CUDA graph capture; run the "
                     "step eagerly once with the same grads (static grads) before capturing")
-            _upload(torch.from_numpy(ptrs), self.grad_table[:n], self._keep_alive)
+            upload(torch.from_numpy(ptrs), self.grad_table[:n], self._keep_alive)
             self.grad_ptrs = ptrs
             self.grads_aligned = not (ptrs % ALIGNMENT).any()
-        aligned = self.static_aligned and self.grads_aligned
-        K.launch_adam_coefficients(self.tensor_table, hyper_table, self.coef_table, found_inf, n)
+
+    @property
+    def aligned(self) -> bool:
+        return self.static_aligned and self.grads_aligned
+
+    @property
+    def tile_size(self) -> int:
+        return ALIGNED_TILE_SIZE if self.aligned else UNALIGNED_TILE_SIZE
+
+    def launch(self, hyper_table, grad_scale, found_inf, grad_norm):
+        aligned = self.aligned
+        K.launch_adam_coefficients(self.tensor_table, hyper_table, self.coef_table, found_inf,
+                                   grad_norm, len(self.members))
         K.launch_adam_step(
             self.tensor_table, self.grad_table, self.block_map, self.coef_table, grad_scale,
             found_inf, self.n_blocks, dict(self.spec, ALIGNED=aligned), BLOCK_SIZE,
-            ALIGNED_TILE_SIZE if aligned else UNALIGNED_TILE_SIZE, NUM_WARPS)
-
-
-class TorchBucket:
-    """Members of one param group on one device and dtype, stepped by torch's fused kernels."""
-
-    def __init__(self, members, group_index, decoupled, maximize, amsgrad):
-        self.members = members
-        self.group_index = group_index
-        self.index = [(m.group_index, m.position) for m in members]
-        self.decoupled, self.amsgrad, self.maximize = decoupled, amsgrad, maximize
-        self.params = [m.flat_param for m in members]
-        self.exp_avgs = [m.flat(m.state["exp_avg"]) for m in members]
-        self.exp_avg_sqs = [m.flat(m.state["exp_avg_sq"]) for m in members]
-        self.max_exp_avg_sqs = ([m.flat(m.state["max_exp_avg_sq"]) for m in members]
-                                if amsgrad else [])
-        self.steps = [m.state["step"] for m in members]
-
-    def launch(self, grads, group, grad_scale, found_inf):
-        grads = [torch.view_as_real(g) if g.is_complex() else g for g in grads]
-        beta1, beta2 = group["betas"]
-        lr = group["lr"]
-        if isinstance(lr, Tensor) and lr.device != self.params[0].device:
-            lr = float(lr)
-        torch._foreach_add_(self.steps, 1)
-        fused = torch._fused_adamw_ if self.decoupled else torch._fused_adam_
-        fused(self.params, grads, self.exp_avgs, self.exp_avg_sqs, self.max_exp_avg_sqs,
-              self.steps, lr=lr, beta1=float(beta1), beta2=float(beta2),
-              weight_decay=float(group["weight_decay"]), eps=float(group["eps"]),
-              amsgrad=self.amsgrad, maximize=self.maximize, grad_scale=grad_scale,
-              found_inf=found_inf)
-        if found_inf is not None:
-            # The fused kernel skipped the update; undo the step count as torch does.
-            torch._foreach_sub_(self.steps, [found_inf.to(self.steps[0].device)] * len(self.steps))
+            self.tile_size, NUM_WARPS)
 
 
 def state_key_names(amsgrad: bool):
@@ -298,29 +239,78 @@ class StepPlan:
         devices = {b.device for b in self.triton_buckets}
         self.hyper_tables = {d: HyperTable(d, len(groups)) for d in devices}
         self.members = [m for ms in members_by_key.values() for m in ms]
+        self.grad_norm_runner = None
 
     def run(self, optimizer, grads_by_group, grad_scale, found_inf):
+        """Launch the step: check this step's grads, then (optionally) norm, then update."""
         groups = optimizer.param_groups
+        bucket_grads = [_gather_grads(b, grads_by_group)
+                        for b in self.triton_buckets + self.torch_buckets]
+        for bucket, grads in zip(self.triton_buckets, bucket_grads):
+            bucket.prepare(grads)
+        max_grad_norm, skip_nonfinite = optimizer.max_grad_norm, optimizer.skip_nonfinite
+        grad_norm = None
+        if max_grad_norm is not None or skip_nonfinite:
+            grad_norm, nonfinite = self._grad_norm(bucket_grads, grad_scale, found_inf)
+            if skip_nonfinite:
+                found_inf = nonfinite
+            optimizer.last_grad_norm = grad_norm
+            optimizer.last_step_skipped = (nonfinite if skip_nonfinite else
+                                           torch.zeros_like(nonfinite) if found_inf is None
+                                           else found_inf.to(nonfinite.device)) != 0
+            if max_grad_norm is None:
+                grad_norm = None
         for table in self.hyper_tables.values():
-            table.update(groups)
+            table.update(groups, max_grad_norm)
         for bucket in self.triton_buckets:
-            grads = [_kernel_grad(bucket.members[i], grads_by_group[gi][pi])
-                     for i, (gi, pi) in enumerate(bucket.index)]
-            scale, inf = _on_device(grad_scale, bucket.device), _on_device(found_inf,
-                                                                           bucket.device)
-            bucket.launch(grads, self.hyper_tables[bucket.device].table, scale, inf)
-        for bucket in self.torch_buckets:
-            grads = [_kernel_grad(bucket.members[i], grads_by_group[gi][pi])
-                     for i, (gi, pi) in enumerate(bucket.index)]
-            device = bucket.params[0].device
-            bucket.launch(grads, groups[bucket.group_index], _on_device(grad_scale, device),
-                          _on_device(found_inf, device))
+            bucket.launch(self.hyper_tables[bucket.device].table,
+                          _on_device(grad_scale, bucket.device),
+                          _on_device(found_inf, bucket.device),
+                          _on_device(grad_norm, bucket.device))
+        for bucket, grads in zip(self.torch_buckets, bucket_grads[len(self.triton_buckets):]):
+            clip = None
+            if grad_norm is not None:
+                clip_coef = max_grad_norm / (_on_device(grad_norm, bucket.device) + 1e-6)
+                clip = torch.clamp(clip_coef, max=1.0)
+            bucket.launch(grads, groups[bucket.group_index],
+                          _on_device(grad_scale, bucket.device),
+                          _on_device(found_inf, bucket.device), clip)
+
+    def _grad_norm(self, bucket_grads, grad_scale, found_inf):
+        """Global grad 2-norm (of the unscaled grads) and non-finite flag, on the device."""
+        devices = {m.param.device for m in self.members}
+        if len(devices) > 1:
+            raise ValueError("max_grad_norm / skip_nonfinite need every param with a grad on one "
+                             f"device; this step has params on {sorted(map(str, devices))}")
+        if self.torch_buckets or not self.triton_buckets:
+            device = next(iter(devices)) if devices else torch.device("cpu")
+            return grad_norm_and_nonfinite([g for grads in bucket_grads for g in grads],
+                                           grad_scale, found_inf, device)
+        if self.grad_norm_runner is None:
+            self.grad_norm_runner = TritonGradNorm(self.triton_buckets)
+        device = self.triton_buckets[0].device
+        return self.grad_norm_runner.run(self.triton_buckets, _on_device(grad_scale, device),
+                                         _on_device(found_inf, device))
 
 
 def _on_device(tensor, device):
     if tensor is None:
         return None
     return tensor.to(device=device, dtype=torch.float32, non_blocking=True)
+
+
+def _gather_grads(bucket, grads_by_group) -> list:
+    """This step's grads for the bucket's members, checked before anything is launched."""
+    grads = []
+    for member, (gi, pi) in zip(bucket.members, bucket.index):
+        grad = grads_by_group[gi][pi]
+        if (grad.layout is not torch.strided or grad.dtype is not member.dtype
+                or grad.numel() != member.numel or grad.device != member.param.device):
+            _validation.check_grad(gi, pi, member.param, grad)
+            raise ValueError(f"{_validation.describe(gi, pi, member.param)}: unusable grad "
+                             f"{grad.layout}, {grad.dtype}, {tuple(grad.shape)}, {grad.device}")
+        grads.append(_kernel_grad(member, grad))
+    return grads
 
 
 def _kernel_grad(member: Member, grad: Tensor) -> Tensor:

@@ -41,6 +41,15 @@ def check_hyperparameters(lr, betas, eps, weight_decay):
         raise ValueError("betas must be either both floats or both Tensors")
 
 
+def check_formulation(eps_mode, weight_decay_mode):
+    """Raise ValueError for an unknown eps_mode or weight_decay_mode."""
+    if eps_mode not in ("torch", "paper"):
+        raise ValueError(f"eps_mode must be 'torch' or 'paper', got {eps_mode!r}")
+    if weight_decay_mode not in ("torch", "schedule"):
+        raise ValueError(f"weight_decay_mode must be 'torch' or 'schedule', got "
+                         f"{weight_decay_mode!r}")
+
+
 def describe(group_index: int, position: int, param: Tensor) -> str:
     """'param 3 of group 0 (shape (37, 51), torch.float32, cuda:0)' for error messages."""
     return (f"param {position} of group {group_index} (shape {tuple(param.shape)}, "

@@ -12,8 +12,8 @@ import subprocess
 import tempfile
 from pathlib import Path
 
-from ._plan import ALIGNED_TILE_SIZE, BLOCK_SIZE, NUM_WARPS, UNALIGNED_TILE_SIZE
-from .kernels import adam_step
+from ._tables import ALIGNED_TILE_SIZE, BLOCK_SIZE, NUM_WARPS, UNALIGNED_TILE_SIZE
+from .kernels import adam_step, grad_norm
 
 DTYPES = ("fp32", "bf16", "fp16")
 # GradScaler gives found_inf alone (after unscale_) or with grad_scale; grad_scale never alone.
@@ -32,8 +32,24 @@ def step_kernel_specs():
 
 
 def coefficient_kernel_specs():
-    for has_inf in (False, True):
-        yield dict(HAS_FOUND_INF=has_inf, BLOCK=adam_step.COEF_BLOCK)
+    for has_inf, has_norm in itertools.product((False, True), (False, True)):
+        yield dict(HAS_FOUND_INF=has_inf, HAS_GRAD_NORM=has_norm, BLOCK=adam_step.COEF_BLOCK)
+
+
+NORMS = {"l2": 2, "l1": 1, "inf": grad_norm.NORM_INF}
+
+
+def grad_norm_partials_specs():
+    for dtype, norm, aligned in itertools.product(DTYPES, NORMS.values(), (True, False)):
+        yield dict(GRAD_DTYPE=dtype, NORM=norm, ALIGNED=aligned, BLOCK_SIZE=BLOCK_SIZE,
+                   TILE_SIZE=ALIGNED_TILE_SIZE if aligned else UNALIGNED_TILE_SIZE)
+
+
+def grad_norm_finalize_specs():
+    for norm, amp in itertools.product(NORMS.values(), AMP_MODES):
+        has_scale, has_inf = AMP_MODES[amp]
+        yield dict(NORM=norm, HAS_FOUND_INF=has_inf, HAS_GRAD_SCALE=has_scale,
+                   BLOCK=grad_norm.FINALIZE_BLOCK)
 
 
 def _parse_target(target: str) -> int:
@@ -88,7 +104,12 @@ def _vector_width(ptx: str, op: str) -> int:
 STEP_SIGNATURE = {"tensor_table": "*i64", "grad_table": "*i64", "block_map": "*i32",
                   "coef_table": "*fp32", "grad_scale_ptr": "*fp32", "found_inf_ptr": "*fp32"}
 COEF_SIGNATURE = {"tensor_table": "*i64", "hyper_table": "*fp64", "coef_table": "*fp32",
-                  "found_inf_ptr": "*fp32", "n_tensors": "i32"}
+                  "found_inf_ptr": "*fp32", "grad_norm_ptr": "*fp32", "n_tensors": "i32"}
+PARTIALS_SIGNATURE = {"tensor_table": "*i64", "grad_table": "*i64", "block_map": "*i32",
+                      "partials": "*fp32", "nonfinite_counts": "*i32", "partial_offset": "i32"}
+FINALIZE_SIGNATURE = {"partials": "*fp32", "nonfinite_counts": "*i32", "n_partials": "i32",
+                      "norm_out": "*fp32", "nonfinite_out": "*fp32", "found_inf_ptr": "*fp32",
+                      "grad_scale_ptr": "*fp32"}
 
 
 def compile_all(target: str = "sm_90") -> list[dict]:
@@ -103,6 +124,10 @@ def compile_all(target: str = "sm_90") -> list[dict]:
             for s in coefficient_kernel_specs()]
     jobs += [("adam_step_kernel", adam_step.adam_step_kernel, STEP_SIGNATURE, s, NUM_WARPS)
              for s in step_kernel_specs()]
+    jobs += [("grad_norm_partials_kernel", grad_norm.grad_norm_partials_kernel,
+              PARTIALS_SIGNATURE, s, NUM_WARPS) for s in grad_norm_partials_specs()]
+    jobs += [("grad_norm_finalize_kernel", grad_norm.grad_norm_finalize_kernel,
+              FINALIZE_SIGNATURE, s, 4) for s in grad_norm_finalize_specs()]
     reports = []
     for name, fn, signature, spec, num_warps in jobs:
         compiled = _compile(fn, signature, spec, arch, num_warps)

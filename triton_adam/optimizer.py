@@ -27,6 +27,23 @@ _COMMON_DOC = """
         foreach, fused: accepted for compatibility and ignored; the step is always fused.
         differentiable: refused when True (a ValueError): the kernels update in place outside
             autograd.
+        max_grad_norm (float, optional): clip the grads' global 2-norm (over every param of
+            the optimizer) to this, folded into the update: the step reads the grads once for
+            the norm and once for the update and never rewrites them. Same result as
+            ``torch.nn.utils.clip_grad_norm_`` then ``step()``; under a GradScaler the norm is
+            of the unscaled grads. The norm of each step is ``opt.last_grad_norm``.
+        skip_nonfinite (bool): a NaN/inf in any grad skips the whole update (params, states and
+            step counts) on the device, without host synchronisation;
+            ``opt.last_step_skipped`` is a device bool tensor.
+        eps_mode ("torch" or "paper"): "paper" is the Adam paper's efficient form (also
+            TF/Keras): ``p -= lr*sqrt(1-beta2**t)/(1-beta1**t) * m / (sqrt(v) + eps)``, eps on the
+            uncorrected root; "torch" adds eps after the bias correction.
+        bias_correction (bool): False drops both bias corrections.
+        weight_decay_mode ("torch" or "schedule"): for decoupled decay, "torch" decays by
+            ``lr * weight_decay``; "schedule" by ``eta_t * weight_decay`` with the schedule
+            multiplier ``eta_t = lr / initial_lr`` (the AdamW paper's Algorithm 2 and
+            keras-adamw), where ``initial_lr`` is the group's lr as torch's lr schedulers record
+            it (without a scheduler, ``eta_t = 1``).
         backend ("auto", "triton" or "torch"): "auto" runs the Triton kernels on CUDA tensors
             (and on CPU tensors when ``TRITON_INTERPRET=1``), torch's fused kernels elsewhere or
             for float64 params; "triton" and "torch" force one, with a clear error where it
@@ -43,9 +60,17 @@ _COMMON_DOC = """
 
 class _FusedAdamBase(torch.optim.Optimizer):
     def __init__(self, params, lr, betas, eps, weight_decay, amsgrad, *, foreach, maximize,
-                 capturable, differentiable, fused, decoupled_weight_decay, backend):
+                 capturable, differentiable, fused, decoupled_weight_decay, backend,
+                 max_grad_norm, skip_nonfinite, eps_mode, bias_correction, weight_decay_mode):
         if backend not in BACKENDS:
             raise ValueError(f"backend must be one of {BACKENDS}, got {backend!r}")
+        if max_grad_norm is not None and not max_grad_norm > 0:
+            raise ValueError(f"Invalid max_grad_norm: {max_grad_norm} (must be > 0 or None)")
+        _validation.check_formulation(eps_mode, weight_decay_mode)
+        self.max_grad_norm = max_grad_norm
+        self.skip_nonfinite = bool(skip_nonfinite)
+        self.last_grad_norm = None
+        self.last_step_skipped = None
         if differentiable:
             raise ValueError("differentiable=True is not supported: triton-adam's kernels update "
                              "params in place outside autograd; use torch.optim for that")
@@ -57,7 +82,8 @@ class _FusedAdamBase(torch.optim.Optimizer):
         defaults = dict(lr=lr, betas=betas, eps=eps, weight_decay=weight_decay, amsgrad=amsgrad,
                         maximize=maximize, foreach=foreach, capturable=capturable,
                         differentiable=False, fused=fused,
-                        decoupled_weight_decay=decoupled_weight_decay)
+                        decoupled_weight_decay=decoupled_weight_decay, eps_mode=eps_mode,
+                        bias_correction=bias_correction, weight_decay_mode=weight_decay_mode)
         super().__init__(params, defaults)
         # GradScaler hands us grad_scale/found_inf instead of unscaling and syncing itself.
         self._step_supports_amp_scaling = True
@@ -67,6 +93,7 @@ class _FusedAdamBase(torch.optim.Optimizer):
         merged = dict(self.defaults, **{k: v for k, v in param_group.items() if k != "params"})
         _validation.check_hyperparameters(merged["lr"], merged["betas"], merged["eps"],
                                           merged["weight_decay"])
+        _validation.check_formulation(merged["eps_mode"], merged["weight_decay_mode"])
         if "betas" in param_group:
             param_group["betas"] = tuple(map(_validation.to_scalar, param_group["betas"]))
         super().add_param_group(param_group)
@@ -83,10 +110,15 @@ class _FusedAdamBase(torch.optim.Optimizer):
         super().__setstate__(state)
         self.__dict__.setdefault("backend", "auto")
         self.__dict__.setdefault("_layout_version", 0)
+        for key, default in (("max_grad_norm", None), ("skip_nonfinite", False),
+                             ("last_grad_norm", None), ("last_step_skipped", None)):
+            self.__dict__.setdefault(key, default)
         for group in self.param_groups:
             for key, default in (("amsgrad", False), ("maximize", False), ("foreach", None),
                                  ("capturable", False), ("differentiable", False),
-                                 ("fused", None), ("decoupled_weight_decay", False)):
+                                 ("fused", None), ("decoupled_weight_decay", False),
+                                 ("eps_mode", "torch"), ("bias_correction", True),
+                                 ("weight_decay_mode", "torch")):
                 group.setdefault(key, default)
         self._normalize_steps()
         self._invalidate_plan()
@@ -205,11 +237,15 @@ class Adam(_FusedAdamBase):
     def __init__(self, params, lr=1e-3, betas=(0.9, 0.999), eps=1e-8, weight_decay=0,
                  amsgrad=False, *, foreach=None, maximize=False, capturable=False,
                  differentiable=False, fused=None, decoupled_weight_decay=False,
-                 backend="auto"):
+                 backend="auto", max_grad_norm=None, skip_nonfinite=False, eps_mode="torch",
+                 bias_correction=True, weight_decay_mode="torch"):
         super().__init__(params, lr, betas, eps, weight_decay, amsgrad, foreach=foreach,
                          maximize=maximize, capturable=capturable,
                          differentiable=differentiable, fused=fused,
-                         decoupled_weight_decay=decoupled_weight_decay, backend=backend)
+                         decoupled_weight_decay=decoupled_weight_decay, backend=backend,
+                         max_grad_norm=max_grad_norm, skip_nonfinite=skip_nonfinite,
+                         eps_mode=eps_mode, bias_correction=bias_correction,
+                         weight_decay_mode=weight_decay_mode)
 
 
 class AdamW(_FusedAdamBase):
@@ -218,11 +254,16 @@ class AdamW(_FusedAdamBase):
 
     def __init__(self, params, lr=1e-3, betas=(0.9, 0.999), eps=1e-8, weight_decay=1e-2,
                  amsgrad=False, *, maximize=False, foreach=None, capturable=False,
-                 differentiable=False, fused=None, backend="auto"):
+                 differentiable=False, fused=None, backend="auto", max_grad_norm=None,
+                 skip_nonfinite=False, eps_mode="torch", bias_correction=True,
+                 weight_decay_mode="torch"):
         super().__init__(params, lr, betas, eps, weight_decay, amsgrad, foreach=foreach,
                          maximize=maximize, capturable=capturable,
                          differentiable=differentiable, fused=fused,
-                         decoupled_weight_decay=True, backend=backend)
+                         decoupled_weight_decay=True, backend=backend,
+                         max_grad_norm=max_grad_norm, skip_nonfinite=skip_nonfinite,
+                         eps_mode=eps_mode, bias_correction=bias_correction,
+                         weight_decay_mode=weight_decay_mode)
 
     def __setstate__(self, state: dict) -> None:
         super().__setstate__(state)

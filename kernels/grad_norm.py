@@ -1,0 +1,144 @@
+"""Multi-tensor gradient norm: a partial-reduction kernel, a finalize kernel and their launchers.
+
+The partial kernel reads the same tables as the Adam step (``adam_step.py``): grad addresses in
+``grad_table``, numel in column COL_NUMEL of ``tensor_table``, one (tensor, block) row per program
+in ``block_map``. Each program writes one float32 partial (sum of |g|, of g*g, or max |g|) and one
+count of non-finite elements at ``partial_offset + program``; the finalize kernel, a single
+program, folds every partial in a fixed order, so the same grads always give the same bits.
+"""
+import triton
+import triton.language as tl
+
+from .adam_step import COL_NUMEL, TABLE_WIDTH
+
+NORM_INF = 0  # the NORM constexpr: 1, 2, or NORM_INF for max |g|
+FINALIZE_BLOCK = 1024
+
+
+@triton.jit
+def _max_keeping_nan(a, b):
+    return tl.where((a != a) | (b != b), float("nan"), tl.maximum(a, b))
+
+
+@triton.jit
+def _block_partial(grad_ptr, lanes, mask, NORM: tl.constexpr):
+    if mask is None:
+        grad = tl.load(grad_ptr + lanes).to(tl.float32)
+    else:
+        grad = tl.load(grad_ptr + lanes, mask=mask, other=0.0).to(tl.float32)
+    magnitude = tl.abs(grad)
+    is_nan = grad != grad
+    nonfinite = tl.sum(((magnitude == float("inf")) | is_nan).to(tl.int32), axis=0)
+    if NORM == 2:
+        partial = tl.sum(grad * grad, axis=0)
+    elif NORM == 1:
+        partial = tl.sum(magnitude, axis=0)
+    else:
+        # max drops NaN; the norm of NaN grads is NaN, as torch's
+        partial = tl.max(magnitude, axis=0)
+        partial = tl.where(tl.sum(is_nan.to(tl.int32), axis=0) > 0, float("nan"), partial)
+    return partial, nonfinite
+
+
+@triton.jit
+def grad_norm_partials_kernel(
+    tensor_table, grad_table, block_map, partials, nonfinite_counts, partial_offset,
+    GRAD_DTYPE: tl.constexpr, NORM: tl.constexpr, ALIGNED: tl.constexpr,
+    BLOCK_SIZE: tl.constexpr, TILE_SIZE: tl.constexpr,
+):
+    """Reduce BLOCK_SIZE elements of one grad to a float32 partial norm and a non-finite count.
+
+    Reads each grad element once (4 B per float32 element, 2 B for 16-bit grads); writes 8 B per
+    program.
+    """
+    pid = tl.program_id(0).to(tl.int64)
+    tensor = tl.load(block_map + pid * 2).to(tl.int64)
+    block = tl.load(block_map + pid * 2 + 1).to(tl.int64)
+    numel = tl.load(tensor_table + tensor * TABLE_WIDTH + COL_NUMEL)
+    start = block * BLOCK_SIZE
+    grad_ptr = tl.load(grad_table + tensor).to(tl.pointer_type(GRAD_DTYPE)) + start
+    if ALIGNED:
+        grad_ptr = tl.multiple_of(grad_ptr, 16)
+    lanes = tl.arange(0, TILE_SIZE)
+    total = 0.0
+    nonfinite = 0
+    for tile_start in range(0, BLOCK_SIZE, TILE_SIZE):
+        remaining = numel - start - tile_start
+        if remaining >= TILE_SIZE:
+            partial, count = _block_partial(grad_ptr + tile_start, lanes, None, NORM)
+        else:
+            partial, count = _block_partial(grad_ptr + tile_start, lanes,
+                                            lanes < remaining.to(tl.int32), NORM)
+        if NORM == 0:
+            total = _max_keeping_nan(total, partial)
+        else:
+            total = total + partial
+        nonfinite = nonfinite + count
+    tl.store(partials + partial_offset + pid, total)
+    tl.store(nonfinite_counts + partial_offset + pid, nonfinite)
+
+
+@triton.jit
+def grad_norm_finalize_kernel(
+    partials, nonfinite_counts, n_partials, norm_out, nonfinite_out, found_inf_ptr,
+    grad_scale_ptr,
+    NORM: tl.constexpr, HAS_FOUND_INF: tl.constexpr, HAS_GRAD_SCALE: tl.constexpr,
+    BLOCK: tl.constexpr,
+):
+    """One program: fold the partials in order into the norm; flag non-finite grads.
+
+    Writes ``norm_out`` (float32; divided by ``grad_scale`` when given, so it is the norm of the
+    unscaled grads) and ``nonfinite_out`` (float32 1.0 when any grad element is NaN/inf, or when
+    ``found_inf`` is set; else 0.0).
+    """
+    lanes = tl.arange(0, BLOCK)
+    acc = tl.zeros((BLOCK,), tl.float32)
+    count = tl.zeros((BLOCK,), tl.int32)
+    for start in range(0, n_partials, BLOCK):
+        in_range = start + lanes < n_partials
+        value = tl.load(partials + start + lanes, mask=in_range, other=0.0)
+        if NORM == 0:
+            acc = _max_keeping_nan(acc, value)
+        else:
+            acc = acc + value
+        count = count + tl.load(nonfinite_counts + start + lanes, mask=in_range, other=0)
+    if NORM == 0:
+        norm = tl.max(acc, axis=0)
+        norm = tl.where(tl.sum((acc != acc).to(tl.int32), axis=0) > 0, float("nan"), norm)
+    else:
+        norm = tl.sum(acc, axis=0)
+    if NORM == 2:
+        norm = tl.sqrt_rn(norm)
+    any_nonfinite = tl.sum(count, axis=0) > 0
+    if HAS_GRAD_SCALE:
+        norm = tl.div_rn(norm, tl.load(grad_scale_ptr))
+    flag = any_nonfinite.to(tl.float32)
+    if HAS_FOUND_INF:
+        flag = tl.maximum(flag, (tl.load(found_inf_ptr) != 0).to(tl.float32))
+    tl.store(norm_out, norm)
+    tl.store(nonfinite_out, flag)
+
+
+def launch_grad_norm_partials(tensor_table, grad_table, block_map, partials, nonfinite_counts,
+                              partial_offset, n_blocks, grad_dtype, norm, aligned, block_size,
+                              tile_size, num_warps):
+    """One launch over ``n_blocks`` programs of one grad dtype (a triton dtype)."""
+    if n_blocks == 0:
+        return
+    grad_norm_partials_kernel[(n_blocks,)](
+        tensor_table, grad_table, block_map, partials, nonfinite_counts, partial_offset,
+        GRAD_DTYPE=grad_dtype, NORM=norm, ALIGNED=aligned, BLOCK_SIZE=block_size,
+        TILE_SIZE=tile_size, num_warps=num_warps,
+    )
+
+
+def launch_grad_norm_finalize(partials, nonfinite_counts, n_partials, norm_out, nonfinite_out,
+                              norm, found_inf=None, grad_scale=None):
+    """Fold ``n_partials`` partials into ``norm_out`` and ``nonfinite_out`` (0-d float32)."""
+    grad_norm_finalize_kernel[(1,)](
+        partials, nonfinite_counts, n_partials, norm_out, nonfinite_out,
+        found_inf if found_inf is not None else norm_out,
+        grad_scale if grad_scale is not None else norm_out,
+        NORM=norm, HAS_FOUND_INF=found_inf is not None, HAS_GRAD_SCALE=grad_scale is not None,
+        BLOCK=FINALIZE_BLOCK, num_warps=4,
+    )

@@ -1,0 +1,79 @@
+"""Global gradient norm over many tensors with the Triton reduction kernels, without host sync."""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+from torch import Tensor
+
+from ._tables import (ALIGNED_TILE_SIZE, ALIGNMENT, BLOCK_SIZE, NUM_WARPS, UNALIGNED_TILE_SIZE,
+                      build_block_map, triton_dtype)
+from .kernels import adam_step as K
+from .kernels import grad_norm as N
+
+NORM_CODES = {1.0: 1, 2.0: 2, float("inf"): N.NORM_INF}
+
+
+@dataclass
+class NormSource:
+    """One launch's worth of grads: tables in the step kernel's layout, one grad dtype."""
+    tensor_table: Tensor
+    grad_table: Tensor
+    block_map: Tensor
+    n_blocks: int
+    grad_dtype: object  # a triton dtype
+    aligned: bool
+
+    @classmethod
+    def from_bucket(cls, bucket):
+        return cls(bucket.tensor_table, bucket.grad_table, bucket.block_map, bucket.n_blocks,
+                   bucket.spec["GRAD_DTYPE"], bucket.aligned)
+
+    @classmethod
+    def from_grads(cls, grads):
+        """Tables for a list of same-dtype, same-device dense grads (built per call)."""
+        n = len(grads)
+        device = grads[0].device
+        table = np.zeros((n, int(K.TABLE_WIDTH)), dtype=np.int64)
+        table[:, int(K.COL_NUMEL)] = [g.numel() for g in grads]
+        ptrs = np.array([g.data_ptr() for g in grads], dtype=np.int64)
+        block_map = build_block_map(-(-table[:, int(K.COL_NUMEL)] // BLOCK_SIZE))
+        return cls(torch.from_numpy(table).to(device), torch.from_numpy(ptrs).to(device),
+                   torch.from_numpy(block_map).to(device), len(block_map),
+                   triton_dtype(grads[0].dtype), not (ptrs % ALIGNMENT).any())
+
+
+class TritonGradNorm:
+    """Partial buffers for a fixed set of sources; ``run`` gives (norm, non-finite flag)."""
+
+    def __init__(self, sources_or_buckets, device=None):
+        n_partials = sum(s.n_blocks for s in sources_or_buckets)
+        device = device or sources_or_buckets[0].device
+        self.partials = torch.empty(max(n_partials, 1), dtype=torch.float32, device=device)
+        self.counts = torch.empty(max(n_partials, 1), dtype=torch.int32, device=device)
+        self.norm = torch.empty((), dtype=torch.float32, device=device)
+        self.flag = torch.empty((), dtype=torch.float32, device=device)
+        self.n_partials = n_partials
+
+    def run(self, sources, grad_scale=None, found_inf=None, norm_type=2.0):
+        """Launch one reduction per source and the finalize kernel.
+
+        Returns 0-d float32 tensors (fresh copies): the norm of the grads divided by
+        ``grad_scale`` (when given), and 1.0 when any grad element is NaN/inf or ``found_inf``
+        is set, else 0.0.
+        """
+        code = NORM_CODES[float(norm_type)]
+        offset = 0
+        for source in sources:
+            if not isinstance(source, NormSource):
+                source = NormSource.from_bucket(source)
+            N.launch_grad_norm_partials(
+                source.tensor_table, source.grad_table, source.block_map, self.partials,
+                self.counts, offset, source.n_blocks, source.grad_dtype, code, source.aligned,
+                BLOCK_SIZE, ALIGNED_TILE_SIZE if source.aligned else UNALIGNED_TILE_SIZE,
+                NUM_WARPS)
+            offset += source.n_blocks
+        N.launch_grad_norm_finalize(self.partials, self.counts, offset, self.norm, self.flag,
+                                    code, found_inf, grad_scale)
+        return self.norm.clone(), self.flag.clone()

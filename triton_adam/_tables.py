@@ -1,0 +1,56 @@
+"""What the step and the grad-norm launches share: launch sizes, dtypes, block maps, uploads."""
+from __future__ import annotations
+
+import numpy as np
+import torch
+from torch import Tensor
+
+# Elements per program and warps per program of the step kernel (16 float32 per thread), and
+# the tile a program updates at a time: all of it when 16-byte aligned, half otherwise (scalar
+# accesses need more registers: a whole block spills; half of one does not, with up to 162
+# registers; a quarter spilled again for bfloat16 amsgrad under ptxas 13).
+BLOCK_SIZE = 4096
+NUM_WARPS = 8
+ALIGNED_TILE_SIZE = 4096
+UNALIGNED_TILE_SIZE = 2048
+ALIGNMENT = 16
+
+_TRITON_DTYPES = None
+
+
+def triton_dtype(dtype: torch.dtype):
+    global _TRITON_DTYPES
+    if _TRITON_DTYPES is None:
+        import triton.language as tl
+        _TRITON_DTYPES = {torch.float32: tl.float32, torch.bfloat16: tl.bfloat16,
+                          torch.float16: tl.float16}
+    return _TRITON_DTYPES[dtype]
+
+
+def upload(host: Tensor, device_tensor: Tensor, keep_alive: list) -> None:
+    """Copy a small host tensor into ``device_tensor`` without waiting for the device."""
+    if device_tensor.device.type == "cpu":
+        device_tensor.copy_(host)
+        return
+    pinned = host.pin_memory()
+    device_tensor.copy_(pinned, non_blocking=True)
+    if torch.cuda.is_current_stream_capturing():
+        # A captured copy re-reads this host buffer at every replay.
+        keep_alive.append(pinned)
+
+
+def build_block_map(blocks_per_tensor: np.ndarray) -> np.ndarray:
+    """int32 ``[n_blocks, 2]``: (tensor index, block index in that tensor) for each program.
+
+    Block indices stay int32 (2**31 blocks of BLOCK_SIZE elements); the kernel widens them to
+    int64 before multiplying by BLOCK_SIZE.
+    """
+    blocks_per_tensor = np.asarray(blocks_per_tensor, dtype=np.int64)
+    n_blocks = int(blocks_per_tensor.sum())
+    if n_blocks >= 2**31:
+        raise ValueError(f"{n_blocks} blocks exceed one launch's grid; split the model")
+    tensor_index = np.repeat(np.arange(len(blocks_per_tensor), dtype=np.int32),
+                             blocks_per_tensor)
+    first_block = np.cumsum(blocks_per_tensor) - blocks_per_tensor
+    block_index = np.arange(n_blocks, dtype=np.int64) - np.repeat(first_block, blocks_per_tensor)
+    return np.ascontiguousarray(np.stack([tensor_index, block_index.astype(np.int32)], axis=1))

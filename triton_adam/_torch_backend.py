@@ -1,0 +1,135 @@
+"""The torch fallback: torch's fused Adam kernels, or float32 torch math for the extra options.
+
+Where the Triton kernels cannot run (CPU without the interpreter, float64 params, other devices)
+a param group's tensors are stepped here. torch's ``_fused_adam(w)_`` ops (CPU and CUDA, torch >=
+2.4) take the default options; the paper formulations, fused clipping and non-finite skipping go
+through ``_math_step``, which repeats the Triton kernel's float32 operations in torch ops, so both
+backends give the same numbers.
+"""
+from __future__ import annotations
+
+import torch
+from torch import Tensor
+
+
+def _flat(tensor: Tensor) -> Tensor:
+    return torch.view_as_real(tensor) if tensor.is_complex() else tensor
+
+
+class TorchBucket:
+    """Members of one param group on one device and dtype."""
+
+    def __init__(self, members, group_index, decoupled, maximize, amsgrad):
+        self.members = members
+        self.group_index = group_index
+        self.device = members[0].param.device
+        self.index = [(m.group_index, m.position) for m in members]
+        self.decoupled, self.amsgrad, self.maximize = decoupled, amsgrad, maximize
+        self.params = [m.flat_param for m in members]
+        self.exp_avgs = [_flat(m.state["exp_avg"]) for m in members]
+        self.exp_avg_sqs = [_flat(m.state["exp_avg_sq"]) for m in members]
+        self.max_exp_avg_sqs = ([_flat(m.state["max_exp_avg_sq"]) for m in members]
+                                if amsgrad else [])
+        self.steps = [m.state["step"] for m in members]
+
+    def launch(self, grads, group, grad_scale, found_inf, clip):
+        """One step; ``clip`` is a 0-d float32 clip factor or None."""
+        grads = [_flat(g) for g in grads]
+        default_formulas = (group.get("eps_mode", "torch") == "torch"
+                            and group.get("bias_correction", True)
+                            and group.get("weight_decay_mode", "torch") == "torch")
+        if default_formulas and clip is None:
+            self._fused_step(grads, group, grad_scale, found_inf)
+        else:
+            self._math_step(grads, group, grad_scale, found_inf, clip)
+
+    def _fused_step(self, grads, group, grad_scale, found_inf):
+        beta1, beta2 = group["betas"]
+        lr = group["lr"]
+        if isinstance(lr, Tensor) and lr.device != self.device:
+            lr = float(lr)
+        torch._foreach_add_(self.steps, 1)
+        fused = torch._fused_adamw_ if self.decoupled else torch._fused_adam_
+        fused(self.params, grads, self.exp_avgs, self.exp_avg_sqs, self.max_exp_avg_sqs,
+              self.steps, lr=lr, beta1=float(beta1), beta2=float(beta2),
+              weight_decay=float(group["weight_decay"]), eps=float(group["eps"]),
+              amsgrad=self.amsgrad, maximize=self.maximize, grad_scale=grad_scale,
+              found_inf=found_inf)
+        if found_inf is not None:
+            # The fused kernel skipped the update; undo the step count as torch does.
+            torch._foreach_sub_(self.steps, [found_inf] * len(self.steps))
+
+    def _math_step(self, grads, group, grad_scale, found_inf, clip):
+        """The Triton kernels' arithmetic in torch ops, one tensor at a time (float32 math)."""
+        beta1, beta2 = (float(b) for b in group["betas"])
+        lr, eps, wd = float(group["lr"]), float(group["eps"]), float(group["weight_decay"])
+        f32 = torch.float32
+        taken = 1.0 if found_inf is None else (found_inf == 0).to(f32)
+        skip = None if found_inf is None else found_inf != 0
+        for i, grad in enumerate(grads):
+            step = self.steps[i]
+            step.add_(taken)
+            t = step.to(torch.float64)
+            if group.get("bias_correction", True):
+                bc1, bc2 = 1 - beta1 ** t, 1 - beta2 ** t
+            else:
+                bc1, bc2 = torch.ones_like(t), torch.ones_like(t)
+            if group.get("eps_mode", "torch") == "paper":
+                step_size, bc2_sqrt = lr * bc2.sqrt() / bc1, torch.ones_like(t)
+            else:
+                step_size, bc2_sqrt = lr / bc1, bc2.sqrt()
+            neg_step_size, bc2_sqrt = (-step_size).to(f32), bc2_sqrt.to(f32)
+            decay_rate = lr / float(group.get("initial_lr", lr) or 1.0) \
+                if group.get("weight_decay_mode", "torch") == "schedule" else lr
+            param_scale = torch.tensor(1 - decay_rate * wd if self.decoupled else 1.0, dtype=f32)
+            l2 = 0.0 if self.decoupled else wd
+
+            param, exp_avg, exp_avg_sq = self.params[i], self.exp_avgs[i], self.exp_avg_sqs[i]
+            g = grad.to(f32)
+            if grad_scale is not None:
+                g = g / grad_scale
+            if clip is not None:
+                g = g * clip
+            if self.maximize:
+                g = -g
+            p = param.to(f32) * param_scale.item()
+            if l2 != 0.0:
+                g = g + torch.tensor(l2, dtype=f32).item() * p
+            m = exp_avg.to(f32)
+            weight = torch.tensor(1 - beta1, dtype=f32).item()
+            m = m + weight * (g - m) if weight < 0.5 else g - (g - m) * (1 - weight)
+            v = exp_avg_sq.to(f32) * torch.tensor(beta2, dtype=f32).item()
+            v = v + torch.tensor(1 - beta2, dtype=f32).item() * g * g
+            second = v
+            new = {exp_avg: m, exp_avg_sq: v}
+            if self.amsgrad:
+                second = torch.maximum(self.max_exp_avg_sqs[i].to(f32), v)
+                new[self.max_exp_avg_sqs[i]] = second
+            denom = second.sqrt() / bc2_sqrt + torch.tensor(eps, dtype=f32)
+            new[param] = p + neg_step_size * (m / denom)
+            for target, value in new.items():
+                value = value.to(target.dtype)
+                if skip is not None:
+                    value = torch.where(skip, target, value)
+                target.copy_(value)
+
+
+def grad_norm_and_nonfinite(grads, grad_scale, found_inf, device):
+    """Global 2-norm of ``grads`` (unscaled by ``grad_scale``) and a non-finite flag, with torch.
+
+    Both are 0-d float32 tensors on ``device``; the flag also carries ``found_inf``.
+    """
+    if not grads:
+        norm = torch.zeros((), dtype=torch.float32, device=device)
+        flag = torch.zeros((), dtype=torch.float32, device=device)
+    else:
+        norms = torch.stack([torch.linalg.vector_norm(_flat(g), 2, dtype=torch.float32)
+                             .to(device) for g in grads])
+        norm = torch.linalg.vector_norm(norms, 2)
+        flag = torch.stack([(~torch.isfinite(_flat(g))).any().to(device) for g in grads]).any()
+        flag = flag.to(torch.float32)
+    if grad_scale is not None:
+        norm = norm / grad_scale.to(device)
+    if found_inf is not None:
+        flag = torch.maximum(flag, (found_inf.to(device) != 0).to(torch.float32))
+    return norm, flag
