@@ -251,7 +251,8 @@ class StepPlan:
         max_grad_norm, skip_nonfinite = optimizer.max_grad_norm, optimizer.skip_nonfinite
         grad_norm = None
         if max_grad_norm is not None or skip_nonfinite:
-            grad_norm, nonfinite = self._grad_norm(bucket_grads, grad_scale, found_inf)
+            grad_norm, nonfinite = self._grad_norm(bucket_grads, grad_scale, found_inf,
+                                                   skip_nonfinite)
             if skip_nonfinite:
                 found_inf = nonfinite
             optimizer.last_grad_norm = grad_norm
@@ -276,7 +277,7 @@ class StepPlan:
                           _on_device(grad_scale, bucket.device),
                           _on_device(found_inf, bucket.device), clip)
 
-    def _grad_norm(self, bucket_grads, grad_scale, found_inf):
+    def _grad_norm(self, bucket_grads, grad_scale, found_inf, check_nonfinite):
         """Global grad 2-norm (of the unscaled grads) and non-finite flag, on the device."""
         devices = {m.param.device for m in self.members}
         if len(devices) > 1:
@@ -285,7 +286,7 @@ class StepPlan:
         if self.torch_buckets or not self.triton_buckets:
             device = next(iter(devices)) if devices else torch.device("cpu")
             return grad_norm_and_nonfinite([g for grads in bucket_grads for g in grads],
-                                           grad_scale, found_inf, device)
+                                           grad_scale, found_inf, device, check_nonfinite)
         if self.grad_norm_runner is None:
             self.grad_norm_runner = TritonGradNorm(self.triton_buckets)
         device = self.triton_buckets[0].device

@@ -38,7 +38,10 @@ class TorchBucket:
         default_formulas = (group.get("eps_mode", "torch") == "torch"
                             and group.get("bias_correction", True)
                             and group.get("weight_decay_mode", "torch") == "torch")
-        if default_formulas and clip is None:
+        if default_formulas:
+            if clip is not None:
+                # torch's fused kernel divides the grads by grad_scale: fold the clip factor in.
+                grad_scale = (1.0 if grad_scale is None else grad_scale) / clip
             self._fused_step(grads, group, grad_scale, found_inf)
         else:
             self._math_step(grads, group, grad_scale, found_inf, clip)
@@ -114,20 +117,24 @@ class TorchBucket:
                 target.copy_(value)
 
 
-def grad_norm_and_nonfinite(grads, grad_scale, found_inf, device):
+def grad_norm_and_nonfinite(grads, grad_scale, found_inf, device, check_nonfinite=True):
     """Global 2-norm of ``grads`` (unscaled by ``grad_scale``) and a non-finite flag, with torch.
 
-    Both are 0-d float32 tensors on ``device``; the flag also carries ``found_inf``.
+    Both are 0-d float32 tensors on ``device``; the flag also carries ``found_inf``. Without
+    ``check_nonfinite`` the grads are not scanned for NaN/inf (one pass fewer) and the flag is
+    ``found_inf`` alone.
     """
+    flag = torch.zeros((), dtype=torch.float32, device=device)
     if not grads:
         norm = torch.zeros((), dtype=torch.float32, device=device)
-        flag = torch.zeros((), dtype=torch.float32, device=device)
     else:
-        norms = torch.stack([torch.linalg.vector_norm(_flat(g), 2, dtype=torch.float32)
-                             .to(device) for g in grads])
-        norm = torch.linalg.vector_norm(norms, 2)
-        flag = torch.stack([(~torch.isfinite(_flat(g))).any().to(device) for g in grads]).any()
-        flag = flag.to(torch.float32)
+        flat = [_flat(g) for g in grads]
+        norms = torch._foreach_norm([g.float() if g.dtype == torch.float64 else g for g in flat], 2)
+        norm = torch.linalg.vector_norm(
+            torch.stack([n.to(device=device, dtype=torch.float32) for n in norms]), 2)
+        if check_nonfinite:
+            flag = torch.stack([(~torch.isfinite(g)).any().to(device) for g in flat]).any()
+            flag = flag.to(torch.float32)
     if grad_scale is not None:
         norm = norm / grad_scale.to(device)
     if found_inf is not None:

@@ -31,7 +31,9 @@ _COMMON_DOC = """
             the optimizer) to this, folded into the update: the step reads the grads once for
             the norm and once for the update and never rewrites them. Same result as
             ``torch.nn.utils.clip_grad_norm_`` then ``step()``; under a GradScaler the norm is
-            of the unscaled grads. The norm of each step is ``opt.last_grad_norm``.
+            of the unscaled grads. The norm of each step is ``opt.last_grad_norm``. (On the
+            torch fallback the clip goes through torch's fused kernel, which leaves the grads
+            clipped, as ``clip_grad_norm_`` would.)
         skip_nonfinite (bool): a NaN/inf in any grad skips the whole update (params, states and
             step counts) on the device, without host synchronisation;
             ``opt.last_step_skipped`` is a device bool tensor.
