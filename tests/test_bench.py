@@ -83,6 +83,19 @@ def test_byte_model_hand_counts():
     assert byte_model.adam_bytes_per_element(torch.float16) == 14
 
 
+def test_clip_byte_model_hand_counts():
+    f32, bf16 = torch.float32, torch.bfloat16
+    n = [3, 5]  # 8 elements
+    # torch: step 28 + norm read 4 + scale read/write 8 = 40 B/elem; fused: 28 + norm read 4.
+    assert byte_model.adam_step_bytes(n, f32) + byte_model.clip_bytes(n, f32, fused=False) == 320
+    assert byte_model.adam_step_bytes(n, f32) + byte_model.clip_bytes(n, f32, fused=True) == 256
+    # bf16 grads: 2 B per pass; step 14 B/elem.
+    assert byte_model.adam_bytes_per_element(bf16) + byte_model.clip_bytes_per_element(bf16, False) == 20
+    assert byte_model.adam_bytes_per_element(bf16) + byte_model.clip_bytes_per_element(bf16, True) == 16
+    # The clip passes are over the grads: fp32 grads of bf16 params count 4 B per pass.
+    assert byte_model.clip_bytes_per_element(f32, fused=False) == 12
+
+
 @pytest.mark.parametrize("amsgrad, expected", [(False, 224), (True, 288)])
 def test_bytes_from_optimizer_state_matches_model_for_torch(amsgrad, expected):
     params = [torch.randn(3, requires_grad=True), torch.randn(5, requires_grad=True)]
@@ -222,6 +235,98 @@ def test_busy_cpu_is_flagged(monkeypatch):
     assert "7.5" in warning
     monkeypatch.setattr(runner.os, "getloadavg", lambda: (1.2, 1.0, 1.0))
     assert runner._load_warnings(torch.device("cpu")) == []
+
+
+def test_run_bench_with_clip_counts_clip_bytes_and_records_it(small_copy):
+    record = runner.run_bench(_quick_cfg(providers=["triton-adam", "forloop", "fused"],
+                                         optim=providers.OptimConfig(max_grad_norm=1.0)))
+    assert report.validate_record(record) == []
+    assert record["config"]["clip"] is True and record["config"]["max_grad_norm"] == 1.0
+    assert "clip_grad_norm_" in record["byte_model"]["clip_note"]
+    n = record["presets"]["smoke-cpu"]["num_params"]
+    rows = {r["provider"]: r for r in record["results"]}
+    for r in rows.values():
+        assert r["status"] == "ok", r
+        assert r["grad_norm"] > runner.CLIP_MARGIN * 1.0  # the clip really scales the grads
+    assert rows["triton-adam"]["clip"] == "fused"
+    assert rows["triton-adam"]["bytes_per_step"] == 32 * n  # 28 + one norm read of the grads
+    for name in ("forloop", "fused"):
+        assert rows[name]["clip"] == "clip_grad_norm_"
+        assert rows[name]["bytes_per_step"] == 40 * n  # 28 + norm read + scale read/write
+    assert rows["fused"]["speedup_vs_fused"] == pytest.approx(1.0)
+
+
+def test_run_bench_without_clip_records_clip_off(small_copy):
+    record = runner.run_bench(_quick_cfg(providers=["fused"]))
+    assert record["config"]["clip"] is False and record["config"]["max_grad_norm"] is None
+    assert record["byte_model"]["clip_note"] is None
+    (row,) = record["results"]
+    assert row["clip"] is None and row["grad_norm"] is None
+
+
+def test_every_timed_clip_sees_the_full_norm(small_copy, monkeypatch):
+    """torch's clip rewrites the grads; the runner restores them before each step, so every
+    step clips a norm above the max norm instead of re-clipping already clipped grads."""
+    seen = []
+    real = torch.nn.utils.clip_grad_norm_
+
+    def recording_clip(params, max_norm, *a, **kw):
+        seen.append(float(real(params, max_norm, *a, **kw)))
+        return seen[-1]
+
+    monkeypatch.setattr(torch.nn.utils, "clip_grad_norm_", recording_clip)
+    record = runner.run_bench(_quick_cfg(providers=["forloop"],
+                                         optim=providers.OptimConfig(max_grad_norm=2.0)))
+    (row,) = record["results"]
+    assert len(seen) == 1 + 2  # warm-up + timed steps, each clipped once
+    assert seen == pytest.approx([row["grad_norm"]] * 3, rel=1e-5)
+    assert min(seen) > runner.CLIP_MARGIN * 2.0
+
+
+def test_triton_adam_clips_inside_its_step(monkeypatch):
+    """No torch clip before the fused step (that would count the clip twice); torch
+    providers get exactly one clip_grad_norm_ before their step."""
+    calls = []
+    monkeypatch.setattr(torch.nn.utils, "clip_grad_norm_", lambda p, m: calls.append(m))
+    params = [torch.randn(4)]
+    params[0].grad = torch.randn(4)
+    cfg = providers.OptimConfig(max_grad_norm=0.5)
+    opt = torch.optim.AdamW(params)
+    assert providers.make_step(providers.BY_NAME["triton-adam"], opt, params, cfg) == opt.step
+    providers.make_step(providers.BY_NAME["fused"], opt, params, cfg)()
+    assert calls == [0.5] and opt.state[params[0]]["step"] == 1
+    assert providers.make_step(providers.BY_NAME["fused"], opt, params,
+                               providers.OptimConfig()) == opt.step
+
+
+def test_clip_setup_scales_small_grads_up_and_restores_them():
+    params = [torch.full((3,), 1e-3), torch.full((5,), -2e-3)]
+    for p in params:
+        p.grad = p.clone()
+    restore, norm = runner._clip_setup(params, max_norm=10.0)
+    assert norm == pytest.approx(runner.CLIP_MARGIN * 10.0, rel=1e-5)
+    before = [p.grad.clone() for p in params]
+    torch.nn.utils.clip_grad_norm_(params, 10.0)
+    assert runner._global_grad_norm(params) == pytest.approx(10.0, rel=1e-4)
+    restore()
+    assert all(torch.equal(p.grad, b) for p, b in zip(params, before))
+    assert runner._clip_setup(params, None) == (None, None)
+
+
+def test_clip_too_large_for_fp16_is_an_error_row(small_copy):
+    record = runner.run_bench(_quick_cfg(dtypes=["fp16"], providers=["forloop"],
+                                         optim=providers.OptimConfig(max_grad_norm=1e9)))
+    (row,) = record["results"]
+    assert row["status"] == "error" and "overflows" in row["reason"]
+
+
+def test_clip_title_and_fallback_note():
+    assert report.clip_title({"clip": False, "max_grad_norm": None}) == ""
+    assert report.clip_title({}) == ""  # records from before the option
+    assert "max_norm=1.5" in report.clip_title({"clip": True, "max_grad_norm": 1.5})
+    row = {"bytes_per_step": 10, "bytes_source": "model", "clip": "fused"}
+    assert "not fused" in report.row_note(dict(row, step_backend="torch"))
+    assert report.row_note(dict(row, step_backend="triton")) == ""
 
 
 def test_unknown_provider_and_dtype_are_rejected():

@@ -90,6 +90,28 @@ def test_bench_options_reach_the_record(tmp_path, small_copy, capsys):
     assert "Adam step" in capsys.readouterr().out
 
 
+def test_bench_clip_reaches_record_and_title(tmp_path, small_copy, capsys):
+    out = tmp_path / "clip.json"
+    rc = cli.main(["bench", "--quick", "--preset", "smoke-cpu", "--providers", "triton-adam,fused",
+                   "--device", "cpu", "--steps", "2", "--clip", "1.0", "--json", str(out)])
+    assert rc == 0
+    text = capsys.readouterr().out
+    assert "clip max_norm=1" in text and "clip_grad_norm_" in text
+    record = json.loads(out.read_text())
+    assert record["config"]["clip"] is True and record["config"]["max_grad_norm"] == 1.0
+    assert {r["provider"]: r["clip"] for r in record["results"]} == {
+        "triton-adam": "fused", "fused": "clip_grad_norm_"}
+    assert cli.main(["report", str(out)]) == 0
+    row = next(line for line in capsys.readouterr().out.splitlines() if "triton-adam" in line)
+    assert " 1 " in row  # the clip column holds the max norm
+
+
+@pytest.mark.parametrize("bad", ["0", "-1", "nan", "inf"])
+def test_bench_rejects_bad_clip(bad, capsys):
+    assert cli.main(["bench", "--clip", bad, "--device", "cpu"]) == 1
+    assert "--clip" in capsys.readouterr().out
+
+
 def test_bench_rejects_unknown_preset(capsys):
     assert cli.main(["bench", "--preset", "nope", "--device", "cpu"]) == 1
     assert "unknown preset" in capsys.readouterr().out
@@ -129,6 +151,22 @@ def test_report_summarises_recorded_runs(tmp_path, small_copy, capsys):
     capsys.readouterr()
     assert cli.main(["report", str(out)]) == 0
     assert "smoke-cpu" in capsys.readouterr().out
+
+
+def test_report_reads_a_list_of_records(tmp_path, small_copy, capsys):
+    """perf/gpu_check.sh gathers every bench of a run into one JSON list."""
+    one = tmp_path / "one.json"
+    assert cli.main(["bench", "--quick", "--preset", "smoke-cpu", "--providers", "fused",
+                     "--device", "cpu", "--steps", "1", "--json", str(one)]) == 0
+    record = json.loads(one.read_text())
+    clipped = json.loads(json.dumps(record))
+    clipped["config"].update(clip=True, max_grad_norm=0.5)
+    both = tmp_path / "bench.json"
+    both.write_text(json.dumps([record, clipped]))
+    capsys.readouterr()
+    assert cli.main(["report", str(both)]) == 0
+    rows = [line for line in capsys.readouterr().out.splitlines() if "smoke-cpu" in line]
+    assert len(rows) == 2 and " - " in rows[0] and " 0.5 " in rows[1]
 
 
 # ------------------------------------------------------------------ kernels

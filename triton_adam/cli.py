@@ -8,6 +8,7 @@ from __future__ import annotations
 import argparse
 import importlib.util
 import json
+import math
 import os
 import sys
 from typing import List, Optional
@@ -46,12 +47,15 @@ def cmd_bench(args: argparse.Namespace) -> int:
                       f"{p.description}", highlight=False)
         return 0
 
+    if args.clip is not None and not (math.isfinite(args.clip) and args.clip > 0):
+        _error(f"--clip must be a finite max norm > 0, got {args.clip}")
+        return 1
     cfg = runner.BenchConfig(
         device=args.device,
         presets=_csv(args.preset) if args.preset else None,
         dtypes=_csv(args.dtype),
         providers=_csv(args.providers) if args.providers else None,
-        optim=OptimConfig(kind=args.optimizer, amsgrad=args.amsgrad),
+        optim=OptimConfig(kind=args.optimizer, amsgrad=args.amsgrad, max_grad_norm=args.clip),
         warmup=1 if args.quick else 3,
         repeats=args.steps or (5 if args.quick else 20),
         quick=args.quick,
@@ -170,30 +174,48 @@ def cmd_experiments(args: argparse.Namespace) -> int:
 
 
 # ---------------------------------------------------------------- report
+def _load_records(path: str) -> list:
+    """The bench records in a file: one record, or a JSON list of them (perf/gpu_check.sh
+    gathers every bench of a GPU run into one bench.json)."""
+    with open(path) as f:
+        data = json.load(f)
+    return data if isinstance(data, list) else [data]
+
+
 def cmd_report(args: argparse.Namespace) -> int:
     from triton_adam.bench.console import make_table as Table
 
-    table = Table(title="recorded bench runs")
-    for col in ("device", "preset", "dtype", "provider", "step ms", "GB/s", "% copy", "vs fused"):
+    table = Table(title="recorded bench runs",
+                  caption="clip: the max norm of a clip + step run (torch providers: "
+                          "clip_grad_norm_ then step; triton-adam: fused), - without clipping")
+    for col in ("device", "preset", "dtype", "provider", "clip", "step ms", "GB/s", "% copy",
+                "vs fused"):
         table.add_column(col, justify="right" if col in ("step ms", "GB/s", "% copy", "vs fused") else "left")
     for path in args.files:
         try:
-            with open(path) as f:
-                record = json.load(f)
+            records = _load_records(path)
         except (OSError, ValueError) as exc:
             _error(f"{path}: {exc}")
             return 1
-        dev = record["run"]["device_name"]
-        for r in record["results"]:
-            if r["status"] != "ok":
-                continue
-            frac, vs = r.get("fraction_of_copy"), r.get("speedup_vs_fused")
-            table.add_row(dev, r["preset"], r["dtype"], r["provider"], f"{r['median_ms']:.3f}",
-                          "n/a" if r["gbps"] is None else f"{r['gbps']:.1f}",
-                          "n/a" if frac is None else f"{100 * frac:.0f}",
-                          "n/a" if vs is None else f"{vs:.2f}x")
+        for record in records:
+            _add_report_rows(table, record)
     _console().print(table)
     return 0
+
+
+def _add_report_rows(table, record: dict) -> None:
+    """One row per measured provider of a record, with the run's clip max norm ("-": none)."""
+    dev = record["run"]["device_name"]
+    clip = record["config"].get("max_grad_norm") if record["config"].get("clip") else None
+    for r in record["results"]:
+        if r["status"] != "ok":
+            continue
+        frac, vs = r.get("fraction_of_copy"), r.get("speedup_vs_fused")
+        table.add_row(dev, r["preset"], r["dtype"], r["provider"],
+                      "-" if clip is None else f"{clip:g}", f"{r['median_ms']:.3f}",
+                      "n/a" if r["gbps"] is None else f"{r['gbps']:.1f}",
+                      "n/a" if frac is None else f"{100 * frac:.0f}",
+                      "n/a" if vs is None else f"{vs:.2f}x")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -215,6 +237,9 @@ def build_parser() -> argparse.ArgumentParser:
     b.add_argument("--json", help="output JSON path (default bench-results/<device>-<date>.json)")
     b.add_argument("--plot", help="write a bar chart PNG here (needs matplotlib)")
     b.add_argument("--quick", action="store_true", help="1 warm-up + 5 timed steps: seconds on CPU")
+    b.add_argument("--clip", type=float, metavar="MAX_NORM",
+                   help="time clip + step: torch providers run clip_grad_norm_(MAX_NORM) then "
+                        "step, triton-adam its fused max_grad_norm=MAX_NORM step")
     b.add_argument("--threads", type=int, help="torch CPU threads (a busy machine times far more "
                                                "steadily with 1)")
     b.set_defaults(func=cmd_bench)

@@ -10,6 +10,16 @@ per element, and are counted as zero: NEGLIGIBLE_NOTE says so in every report.
 For optimizers whose state is not plain m/v (8-bit blockwise states with per-block scales, Kahan
 buffers, ...), ``bytes_from_optimizer_state`` counts what the optimizer actually keeps: every
 non-scalar state tensor is assumed read and written once per step.
+
+Gradient clipping (``bench --clip MAX_NORM``) adds passes over the grads, at the grad dtype's size:
+- torch's ``clip_grad_norm_`` reads every grad once for the norm, then reads and writes every grad
+  to scale it (``_foreach_mul_``): +3 x grad bytes per element, on top of the step's own bytes.
+- triton-adam's fused clip (``max_grad_norm=``) reads every grad once for the norm and folds the
+  clip factor into the update kernel, which reads the grad anyway: +1 x grad bytes per element.
+So fp32 AdamW with clipping is 28 + 12 = 40 B/elem for torch and 28 + 4 = 32 B/elem fused (20%
+fewer); bf16 is 14 + 6 = 20 against 14 + 2 = 16 B/elem. The 0-d norm and clip factor are scalars
+(0 B). On a device where triton-adam falls back to torch ops (a CPU without the Triton
+interpreter) the fallback moves more than this; the figure stays the fused kernel's count.
 """
 from __future__ import annotations
 
@@ -56,6 +66,26 @@ def adam_step_bytes(
     """Bytes moved by one step over tensors of the given element counts."""
     per = adam_bytes_per_element(param_dtype, grad_dtype, state_dtype, amsgrad)
     return per * sum(int(n) for n in numels)
+
+
+# Passes over the grads that clipping adds: torch reads for the norm, then reads + writes to scale;
+# the fused step reads for the norm only (the update kernel scales in registers).
+CLIP_GRAD_PASSES = {"torch": 3, "fused": 1}
+
+CLIP_NOTE = (
+    "clip bytes: torch clip_grad_norm_ + step adds 3 x grad bytes per element (norm read, scale "
+    "read + write); triton-adam's fused clip adds 1 x grad bytes (norm read only)"
+)
+
+
+def clip_bytes_per_element(grad_dtype: torch.dtype, fused: bool) -> int:
+    """Extra bytes per element that clipping the grads' global norm adds to one step."""
+    return CLIP_GRAD_PASSES["fused" if fused else "torch"] * dtype_size(grad_dtype)
+
+
+def clip_bytes(numels: Iterable[int], grad_dtype: torch.dtype, fused: bool) -> int:
+    """Extra bytes clipping adds to a step over tensors of the given element counts."""
+    return clip_bytes_per_element(grad_dtype, fused) * sum(int(n) for n in numels)
 
 
 def _tensor_bytes(t: torch.Tensor) -> Optional[int]:

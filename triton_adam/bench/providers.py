@@ -5,6 +5,11 @@ Adam vs AdamW), how to build an optimizer over a list of params, and how its byt
 counted: ``"model"`` uses the explicit byte model with the state dtype the optimizer actually
 allocated; ``"state"`` counts the optimizer's own state tensors (8-bit and compressed states,
 per-block scales included). Import failures are reported with the exception text, never hidden.
+
+With ``OptimConfig.max_grad_norm`` set, the timed step is "clip + step": triton-adam gets
+``max_grad_norm=`` (the clip is fused into its step); every other provider runs
+``torch.nn.utils.clip_grad_norm_`` (torch's default foreach choice) and then its own step,
+which is what a training loop using it does.
 """
 from __future__ import annotations
 
@@ -25,6 +30,7 @@ class OptimConfig:
     betas: tuple = (0.9, 0.999)
     eps: float = 1e-8
     weight_decay: float = 1e-2
+    max_grad_norm: Optional[float] = None  # clip the grads' global 2-norm in every step
 
 
 Factory = Callable[[Sequence[torch.Tensor], OptimConfig], torch.optim.Optimizer]
@@ -41,6 +47,7 @@ class Provider:
     cuda_only: bool = False
     supports_amsgrad: bool = True
     supports_adam: bool = True  # False: AdamW only
+    fused_clip: bool = False  # clips inside its own step (max_grad_norm=); else torch clips first
 
     def unsupported_reason(self, device: torch.device, cfg: OptimConfig) -> Optional[str]:
         """Why this provider cannot run the case, or None if it can."""
@@ -61,7 +68,8 @@ def _load_triton_adam(cfg: OptimConfig) -> Factory:
     import triton_adam
 
     cls = triton_adam.AdamW if cfg.kind == "adamw" else triton_adam.Adam
-    return lambda params, c: cls(params, amsgrad=c.amsgrad, backend="auto", **_common(c))
+    return lambda params, c: cls(params, amsgrad=c.amsgrad, backend="auto",
+                                 max_grad_norm=c.max_grad_norm, **_common(c))
 
 
 def _torch_loader(**flags: Any) -> Callable[[OptimConfig], Factory]:
@@ -122,7 +130,8 @@ def _load_bnb(cfg: OptimConfig) -> Factory:
 
 
 PROVIDERS: List[Provider] = [
-    Provider("triton-adam", "triton_adam.AdamW/Adam, backend='auto'", _load_triton_adam),
+    Provider("triton-adam", "triton_adam.AdamW/Adam, backend='auto'", _load_triton_adam,
+             fused_clip=True),
     Provider("forloop", "torch.optim, foreach=False", _torch_loader(foreach=False)),
     Provider("foreach", "torch.optim, foreach=True", _torch_loader(foreach=True)),
     Provider("fused", "torch.optim, fused=True", _torch_loader(fused=True)),
@@ -157,6 +166,41 @@ def select(names: Optional[Sequence[str]]) -> List[Provider]:
         raise ValueError(f"unknown provider(s) {', '.join(unknown)}; choose from: {', '.join(BY_NAME)}")
     wanted = set(names)
     return [p for p in PROVIDERS if p.name in wanted]
+
+
+def clip_mode(provider: Provider, cfg: OptimConfig) -> Optional[str]:
+    """How the timed step clips: None (no clipping), "fused" or "clip_grad_norm_" (torch's)."""
+    if cfg.max_grad_norm is None:
+        return None
+    return "fused" if provider.fused_clip else "clip_grad_norm_"
+
+
+def make_step(
+    provider: Provider, optimizer: torch.optim.Optimizer, params: Sequence[torch.Tensor],
+    cfg: OptimConfig,
+) -> Callable[[], Any]:
+    """The callable the benchmark times: ``optimizer.step``, preceded by torch's
+    ``clip_grad_norm_`` when clipping is on and the provider does not clip inside its step."""
+    if clip_mode(provider, cfg) != "clip_grad_norm_":
+        return optimizer.step
+    max_norm = cfg.max_grad_norm
+
+    def clip_and_step() -> None:
+        torch.nn.utils.clip_grad_norm_(params, max_norm)  # foreach left at torch's default
+        optimizer.step()
+
+    return clip_and_step
+
+
+def step_backend(optimizer: torch.optim.Optimizer) -> Optional[str]:
+    """Which backend a triton_adam optimizer stepped on: "triton", "torch" (the fallback, where
+    clipping runs as unfused torch math) or "mixed"; None for other optimizers or before a step.
+    Reads the optimizer's private plan: a report note, never a reason to fail."""
+    plan = getattr(optimizer, "_plan", None)
+    triton, fallback = (bool(getattr(plan, name, None)) for name in ("triton_buckets", "torch_buckets"))
+    if plan is None or not (triton or fallback):
+        return None
+    return "mixed" if triton and fallback else ("triton" if triton else "torch")
 
 
 def load_factory(provider: Provider, cfg: OptimConfig) -> "tuple[Optional[Factory], Optional[str]]":

@@ -13,6 +13,7 @@ ROW_KEYS = {"preset", "dtype", "provider", "description", "status"}
 OK_KEYS = ROW_KEYS | {
     "median_ms", "min_ms", "max_ms", "host_ms", "repeats", "peak_extra_bytes",
     "bytes_per_step", "bytes_source", "gbps", "fraction_of_copy", "speedup_vs_fused",
+    "clip", "grad_norm", "step_backend",
 }
 SKIP_KEYS = ROW_KEYS | {"reason"}
 RUN_KEYS = {"date", "host", "device", "device_name", "versions", "git_commit"}
@@ -33,6 +34,28 @@ def _fmt_bytes(n: Optional[int]) -> str:
     return f"{n} B"
 
 
+def clip_title(config: Dict[str, Any]) -> str:
+    """What the clipped step is, for table titles; "" when the run did not clip (or predates
+    the option)."""
+    if not config.get("clip"):
+        return ""
+    return (f"clip max_norm={config['max_grad_norm']:g} + step (torch providers: "
+            f"clip_grad_norm_ then step; triton-adam: fused max_grad_norm)")
+
+
+def row_note(r: Dict[str, Any]) -> str:
+    """The note column: where the bytes come from, and when the fused clip did not run fused."""
+    notes = []
+    if r["bytes_per_step"] is None:
+        notes.append("bytes n/a")
+    elif r["bytes_source"] == "state":
+        notes.append("bytes from optimizer state")
+    if r.get("clip") == "fused" and r.get("step_backend") == "torch":
+        # No Triton on this device: the clip runs as unfused torch math, slower than torch's.
+        notes.append("torch fallback: clip not fused")
+    return "; ".join(notes)
+
+
 def results_table(record: Dict[str, Any]):
     """One row per (preset, dtype, provider); skipped and failed providers show their reason."""
     run = record["run"]
@@ -42,6 +65,9 @@ def results_table(record: Dict[str, Any]):
         title = title.replace("AdamW", "Adam")
     if record["config"]["optimizer"]["amsgrad"]:
         title += ", amsgrad"
+    clip = clip_title(record["config"])
+    if clip:
+        title += f", {clip}"
     caption = (f"copy bandwidth {copy['gbps']:.1f} GB/s (read+write)" if copy else "copy bandwidth n/a")
     if record.get("interrupted"):
         caption += " - INTERRUPTED, partial results"
@@ -55,9 +81,7 @@ def results_table(record: Dict[str, Any]):
         table.add_column(col, **kw)
     for r in record["results"]:
         if r["status"] == "ok":
-            note = "bytes from optimizer state" if r["bytes_source"] == "state" else ""
-            if r["bytes_per_step"] is None:
-                note = "bytes n/a"
+            note = row_note(r)
             frac = r.get("fraction_of_copy")
             vs = r.get("speedup_vs_fused")
             table.add_row(
@@ -87,6 +111,8 @@ def print_results(record: Dict[str, Any], console=None) -> None:
     for line in skipped_lines(record):
         console.print(f"[dim]skipped {line}[/dim]", highlight=False)
     console.print(f"[dim]{record['byte_model']['note']}[/dim]", highlight=False)
+    if record["byte_model"].get("clip_note"):
+        console.print(f"[dim]{record['byte_model']['clip_note']}[/dim]", highlight=False)
     for warning in record.get("warnings", []):
         console.print(f"[yellow]warning: {warning}[/yellow]", highlight=False)
 
@@ -153,7 +179,8 @@ def write_plot(record: Dict[str, Any], path: os.PathLike) -> Path:
         ax.set_xlabel("GB/s (bytes model / median step time)")
         if case:
             copy_note = f" - dashed: copy {copy_gbps:.0f} GB/s" if copy_gbps else ""
-            ax.set_title(f"{case[0]} {case[1]} on {record['run']['device_name']}{copy_note}",
+            clip = " (clip + step)" if record["config"].get("clip") else ""
+            ax.set_title(f"{case[0]} {case[1]}{clip} on {record['run']['device_name']}{copy_note}",
                          fontsize=10)
         else:
             ax.set_title("no successful provider")

@@ -1,7 +1,14 @@
-"""Runs every (preset, dtype, provider) case and collects one JSON-ready record."""
+"""Runs every (preset, dtype, provider) case and collects one JSON-ready record.
+
+With clipping on (``OptimConfig.max_grad_norm``), every provider's timed step is "clip + step"
+(see ``providers.make_step``) on grads whose global norm is at least ``CLIP_MARGIN`` times the
+max norm, so the clip really scales them; the grads are restored before every step, outside the
+timed region, because torch's ``clip_grad_norm_`` rewrites them in place.
+"""
 from __future__ import annotations
 
 import gc
+import math
 import os
 from dataclasses import asdict, dataclass, field
 from typing import Any, Callable, Dict, List, Optional
@@ -12,7 +19,9 @@ from . import byte_model, env, presets, timing
 from . import providers as provs
 
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
-SCHEMA_VERSION = 1
+SCHEMA_VERSION = 2  # 2: rows carry "clip", "grad_norm", "step_backend"; config "clip"
+# With --clip, the grads' global norm is at least this many times the max norm (clip factor <= 1/4).
+CLIP_MARGIN = 4.0
 
 
 @dataclass
@@ -57,7 +66,8 @@ def _memory_needed(shapes, dtype: torch.dtype, cfg: provs.OptimConfig) -> int:
     numels = [presets.numel(s) for _, s in shapes]
     size = byte_model.dtype_size(dtype)
     n_states = 3 if cfg.amsgrad else 2
-    return sum(numels) * size * (2 + n_states) + 3 * max(numels) * size
+    n_copies = 2 + n_states + (1 if cfg.max_grad_norm is not None else 0)  # + saved grads
+    return sum(numels) * size * n_copies + 3 * max(numels) * size
 
 
 def _case_skip_reason(preset: presets.Preset, shapes, dtype, device, cfg) -> Optional[str]:
@@ -71,26 +81,71 @@ def _case_skip_reason(preset: presets.Preset, shapes, dtype, device, cfg) -> Opt
     return None
 
 
+def _global_grad_norm(params: List[torch.Tensor]) -> float:
+    """The grads' global 2-norm, accumulated in float32 (setup only: reads it on the host)."""
+    norms = [torch.linalg.vector_norm(p.grad, dtype=torch.float32) for p in params]
+    return float(torch.linalg.vector_norm(torch.stack(norms)))
+
+
+def _clip_setup(params: List[torch.Tensor], max_norm: Optional[float]):
+    """For a clipped run: scale the grads up (never down, never to zero) until their global norm
+    is at least ``CLIP_MARGIN * max_norm``, and keep a copy of them. Returns (restore, norm):
+    ``restore`` puts the copy back before each step, since torch's clip rewrites the grads and
+    would otherwise leave every later step a norm of max_norm (a clip factor of ~1).
+    Without clipping: (None, None)."""
+    if max_norm is None:
+        return None, None
+    norm = _global_grad_norm(params)
+    target = CLIP_MARGIN * max_norm
+    if norm < target:
+        with torch.no_grad():
+            torch._foreach_mul_([p.grad for p in params], target / norm)
+        norm = _global_grad_norm(params)
+    if not math.isfinite(norm):  # e.g. fp16 grads scaled past 65504 for a huge max norm
+        raise ValueError(f"--clip {max_norm} needs grads with a norm of {target:g}, which "
+                         f"overflows this dtype; use a smaller max norm")
+    saved = [p.grad.clone() for p in params]
+
+    def restore() -> None:
+        with torch.no_grad():
+            torch._foreach_copy_([p.grad for p in params], saved)
+
+    return restore, norm
+
+
 def _step_bytes(provider, opt, params, dtype, cfg) -> Optional[int]:
+    """The step's bytes (byte model or the optimizer's own state), plus the clip's passes over
+    the grads when clipping is on; None when the step's bytes cannot be determined."""
+    grad_dtype = params[0].grad.dtype
     if provider.bytes_source == "state":
-        return byte_model.bytes_from_optimizer_state(opt, params)
-    # Use the state dtype the optimizer really allocated (fp32 states for bf16 params cost more).
-    exp_avg = opt.state.get(params[0], {}).get("exp_avg")
-    state_dtype = exp_avg.dtype if isinstance(exp_avg, torch.Tensor) else dtype
-    return byte_model.adam_step_bytes(
-        (p.numel() for p in params), dtype, params[0].grad.dtype, state_dtype, cfg.amsgrad
-    )
+        nbytes = byte_model.bytes_from_optimizer_state(opt, params)
+    else:
+        # The state dtype the optimizer really allocated (fp32 states for bf16 params cost more).
+        exp_avg = opt.state.get(params[0], {}).get("exp_avg")
+        state_dtype = exp_avg.dtype if isinstance(exp_avg, torch.Tensor) else dtype
+        nbytes = byte_model.adam_step_bytes(
+            (p.numel() for p in params), dtype, grad_dtype, state_dtype, cfg.amsgrad
+        )
+    mode = provs.clip_mode(provider, cfg)
+    if nbytes is None or mode is None:
+        return nbytes
+    return nbytes + byte_model.clip_bytes((p.numel() for p in params), grad_dtype,
+                                          fused=(mode == "fused"))
 
 
 def _run_one(provider, factory, shapes, dtype, device, cfg: BenchConfig) -> Dict[str, Any]:
     params = _make_params(shapes, dtype, device, cfg.seed)
-    opt = None
+    opt = restore = None
     try:
         opt = factory(params, cfg.optim)
-        t = timing.time_steps(opt.step, device, warmup=max(cfg.warmup, 1), repeats=cfg.repeats)
+        restore, grad_norm = _clip_setup(params, cfg.optim.max_grad_norm)
+        step = provs.make_step(provider, opt, params, cfg.optim)
+        t = timing.time_steps(step, device, warmup=max(cfg.warmup, 1), repeats=cfg.repeats,
+                              before_each=restore)
         nbytes = _step_bytes(provider, opt, params, dtype, cfg.optim)
+        backend = provs.step_backend(opt)
     finally:
-        del opt, params
+        del opt, params, restore
         gc.collect()
         if device.type == "cuda":
             torch.cuda.empty_cache()
@@ -105,6 +160,9 @@ def _run_one(provider, factory, shapes, dtype, device, cfg: BenchConfig) -> Dict
         "bytes_per_step": nbytes,
         "bytes_source": provider.bytes_source,
         "gbps": (nbytes / (t.median_ms * 1e-3) / 1e9) if nbytes else None,
+        "clip": provs.clip_mode(provider, cfg.optim),
+        "grad_norm": grad_norm,  # global norm the clip sees each step (> max norm); None: no clip
+        "step_backend": backend,
     }
 
 
@@ -155,13 +213,17 @@ def run_bench(
             "dtypes": cfg.dtypes,
             "providers": [p.name for p in selected],
             "optimizer": asdict(cfg.optim),
+            "clip": cfg.optim.max_grad_norm is not None,
+            "max_grad_norm": cfg.optim.max_grad_norm,
             "warmup": cfg.warmup,
             "repeats": cfg.repeats,
             "quick": cfg.quick,
             "seed": cfg.seed,
             "threads": torch.get_num_threads(),
         },
-        "byte_model": {"note": byte_model.NEGLIGIBLE_NOTE},
+        "byte_model": {"note": byte_model.NEGLIGIBLE_NOTE,
+                       "clip_note": byte_model.CLIP_NOTE if cfg.optim.max_grad_norm is not None
+                       else None},
         "timing_note": (
             "median over repeats after warm-up; CUDA events + synchronize on GPU, "
             "perf_counter on CPU; host_ms is the wall time of step() without synchronizing "
