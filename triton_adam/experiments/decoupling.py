@@ -171,6 +171,9 @@ def run(out_dir: str, quick: bool, tracker, device: str, threads: int) -> Sectio
     else:
         verdict = "not reproduced"
     most_aligned = min(stats, key=lambda k: abs(stats[k]["corr"]))
+    edges = [f"{methods[k]['title']} (lr={lrs[s['best_cell'][0]]:g}, wd={methods[k]['wds'][s['best_cell'][1]]:g})"
+             for k, s in stats.items()
+             if s["best_cell"][0] in (0, len(lrs) - 1) or s["best_cell"][1] == len(methods[k]["wds"]) - 1]
     better = stats["adamw_schedule"]["best"] <= stats["adam_l2"]["best"]
     summary = (f"corr(log lr, log wd) over the good region: AdamW schedule form {c_sched:+.2f}, Adam+L2 {c_l2:+.2f}, "
                f"torch AdamW form {c_torch:+.2f}; best test error AdamW {stats['adamw_schedule']['best'] * 100:.2f} % "
@@ -185,6 +188,9 @@ def run(out_dir: str, quick: bool, tracker, device: str, threads: int) -> Sectio
                f"Cells within {BASIN_MARGIN_PP:g} pp", "corr(log lr, log wd)", "slope of row-best wd"), rows),
         "",
         f"![Test error heat maps]({fig_name})",
+        "",
+        ("Best cell on the edge of its grid (the optimum may lie outside): " + "; ".join(edges) + "."
+         if edges else "Every best cell lies inside its grid."),
         "",
         f"How to read the numbers: the good region is every cell within {BASIN_MARGIN_PP:g} percentage point of the "
         f"map's best. Over its cells with wd > 0, the correlation between log10(lr) and log10(wd) is near 0 when "

@@ -31,25 +31,27 @@ from .trajectory_worker import HYPER, train_one
 LOSS_TOL = 1e-5
 WEIGHT_TOL = 1e-5
 
-IMPL_ORDER = ("torch.optim", "torch.optim.fused", "fallback", "triton")
+IMPL_ORDER = ("torch.optim", "torch.optim.fused", "torch.optim.ulp", "fallback", "triton")
 
 LABELS = {
     "torch.optim": "torch.optim.AdamW",
     "torch.optim.fused": "torch.optim.AdamW fused=True",
+    "torch.optim.ulp": "torch.optim.AdamW, init + 1 ulp",
     "fallback": "triton_adam.AdamW backend='torch'",
     "triton": "triton_adam.AdamW backend='triton'",
 }
 
 
 def _configs(quick: bool) -> list[dict]:
-    # The interpreter runs each Triton program in Python, so the Triton-kernel
-    # trajectory uses a small MLP; the larger one only runs where Triton is
-    # compiled (GPU) or through the torch fallback.
+    # The interpreter runs each Triton program in Python, so quick mode keeps
+    # the Triton-kernel trajectory to the small MLP.
     if quick:
         return [dict(name="small", hidden=[32], steps=25, interp=True),
                 dict(name="larger", hidden=[128, 128], steps=50, interp=False)]
+    # Full mode affords the larger model under the interpreter too (~20 s on
+    # one core), where Adam's amplification of rounding is strongest.
     return [dict(name="small", hidden=[32], steps=200, interp=True),
-            dict(name="larger", hidden=[128, 128], steps=300, interp=False)]
+            dict(name="larger", hidden=[128, 128], steps=300, interp=True)]
 
 
 def _package_root() -> str:
@@ -93,13 +95,13 @@ def run(out_dir: str, quick: bool, tracker, device: str, threads: int) -> Sectio
     have_pkg = triton_adam_module() is not None
     on_gpu = device.startswith("cuda")
     interp_note = ""
-    advance = tracker.task("1 trajectory", total=4 * len(configs))
+    advance = tracker.task("1 trajectory", total=5 * len(configs))
 
     results: dict[tuple[str, str], dict] = {}
     interp_jobs = []
     for cfg in configs:
         job = dict(hidden=cfg["hidden"], steps=cfg["steps"], device=device, threads=threads)
-        for impl in ("torch.optim", "torch.optim.fused"):
+        for impl in ("torch.optim", "torch.optim.fused", "torch.optim.ulp"):
             results[(cfg["name"], impl)] = train_one(impl, **job)
             advance()
         for impl in ("fallback", "triton"):
@@ -130,9 +132,10 @@ def run(out_dir: str, quick: bool, tracker, device: str, threads: int) -> Sectio
         for (name, _), res, ref in zip(interp_jobs, out[0::2], out[1::2]):
             results[(name, "triton")] = res
             if "error" not in ref and "error" not in results[(name, "torch.optim")]:
-                same = _max_abs(ref["losses"], results[(name, "torch.optim")]["losses"])
-                interp_note += (f"The subprocess's own `torch.optim.AdamW` run differs from the parent's by "
-                                f"{fmt(same)} in loss, so the process boundary adds nothing. ")
+                same = _max_abs(ref["weights"], results[(name, "torch.optim")]["weights"])
+                interp_note += (f"On the {name} model the subprocess's own `torch.optim.AdamW` run differs from "
+                                f"the parent's by {fmt(same)} in final weights, so the process boundary "
+                                f"{'adds nothing' if same == 0 else 'adds this much by itself'}. ")
             advance()
         interp_note += (f"Triton kernels ran on CPU through Triton's interpreter (`TRITON_INTERPRET=1`) in a "
                         f"subprocess; that subprocess took {interp_seconds:.0f} s in all.")
@@ -141,11 +144,12 @@ def run(out_dir: str, quick: bool, tracker, device: str, threads: int) -> Sectio
     rows, compared, errors, failures, worst = [], 0, [], [], (0.0, 0.0)
     for cfg in configs:
         ref = results[(cfg["name"], "torch.optim")]
-        fused = results[(cfg["name"], "torch.optim.fused")]
-        floor_l, floor_w = _max_abs(fused["losses"], ref["losses"]), _max_abs(fused["weights"], ref["weights"])
+        floors = [results[(cfg["name"], k)] for k in ("torch.optim.fused", "torch.optim.ulp")]
+        floor_l = max(_max_abs(f["losses"], ref["losses"]) for f in floors)
+        floor_w = max(_max_abs(f["weights"], ref["weights"]) for f in floors)
         tol_l, tol_w = max(LOSS_TOL, 2 * floor_l), max(WEIGHT_TOL, 2 * floor_w)
         model_desc = f"MLP 64-{'-'.join(map(str, cfg['hidden']))}-10 ({ref['n_params']} params)"
-        for impl in ("torch.optim.fused", "fallback", "triton"):
+        for impl in ("torch.optim.fused", "torch.optim.ulp", "fallback", "triton"):
             res = results[(cfg["name"], impl)]
             if "error" in res:
                 rows.append((model_desc, LABELS[impl], cfg["steps"], "-", "-", "-", res["error"]))
@@ -155,7 +159,7 @@ def run(out_dir: str, quick: bool, tracker, device: str, threads: int) -> Sectio
             dl, dw = _max_abs(res["losses"], ref["losses"]), _max_abs(res["weights"], ref["weights"])
             rows.append((model_desc, LABELS[impl], cfg["steps"], fmt(res["losses"][-1], 6), fmt(dl), fmt(dw),
                          f"{res['seconds']:.2f} s (torch.optim: {ref['seconds']:.2f} s)"))
-            if impl == "torch.optim.fused":
+            if impl.startswith("torch.optim"):
                 continue
             compared += 1
             worst = (max(worst[0], dl), max(worst[1], dw))
@@ -170,6 +174,7 @@ def run(out_dir: str, quick: bool, tracker, device: str, threads: int) -> Sectio
         ax, axd = axes[0, j], axes[1, j]
         styles = {"torch.optim": dict(lw=4, alpha=0.35, color="black"),
                   "torch.optim.fused": dict(lw=1.0, color="tab:gray"),
+                  "torch.optim.ulp": dict(lw=1.0, color="tab:green", alpha=0.7),
                   "fallback": dict(lw=1.6, ls="--", color="tab:blue"),
                   "triton": dict(lw=1.2, ls=":", color="tab:red")}
         for impl in IMPL_ORDER:
@@ -219,13 +224,15 @@ def run(out_dir: str, quick: bool, tracker, device: str, threads: int) -> Sectio
     elif compared and not failures:
         verdict = "check passed"
         summary = (f"{compared} triton-adam trajectories match torch.optim.AdamW: max abs diff {fmt(worst[0])} "
-                   f"in loss, {fmt(worst[1])} in final weights, within torch's own fused-vs-default spread.")
+                   f"in loss, {fmt(worst[1])} in final weights, within the rounding noise floor.")
     else:
         verdict = "check failed"
         summary = "; ".join(failures) or "nothing to compare"
     body += [f"**Finding:** {verdict}. {summary} Criterion: each difference at most max({LOSS_TOL:g}, twice the "
-             f"difference between torch's own fused and default AdamW on the same model), i.e. no further from "
-             f"torch than torch's two implementations are from each other, up to float32 rounding."]
+             f"rounding noise floor of the same model), the floor being the larger distance to the default "
+             f"`torch.optim.AdamW` of (a) torch's own fused AdamW and (b) the default AdamW started from weights "
+             f"moved by one float32 ulp. Once the loss is tiny, Adam's m/sqrt(v) ignores the gradients' scale "
+             f"and amplifies rounding-sized differences, so the floor grows with training length."]
     return Section("Same trajectory as torch.optim.AdamW", "\n".join(body), [fig_name], verdict, summary,
                    time.perf_counter() - t0)
 

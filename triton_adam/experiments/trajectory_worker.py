@@ -16,7 +16,7 @@ import time
 import torch
 from torch.nn import functional as F
 
-IMPLEMENTATIONS = ("torch.optim", "torch.optim.fused", "fallback", "triton")
+IMPLEMENTATIONS = ("torch.optim", "torch.optim.fused", "torch.optim.ulp", "fallback", "triton")
 
 # One set of hyper-parameters for every trajectory, with weight decay on so the
 # decoupled decay path is exercised too.
@@ -25,7 +25,7 @@ HYPER = dict(lr=5e-3, betas=(0.9, 0.999), eps=1e-8, weight_decay=1e-2)
 
 def make_optimizer(impl: str, params):
     """``torch.optim.AdamW`` (default or fused) or ``triton_adam.AdamW`` with the torch or triton backend."""
-    if impl == "torch.optim":
+    if impl in ("torch.optim", "torch.optim.ulp"):
         return torch.optim.AdamW(params, **HYPER)
     if impl == "torch.optim.fused":
         # torch's own second implementation: its distance to the default one
@@ -46,6 +46,12 @@ def train_one(impl: str, hidden: list[int], steps: int, seed: int = 0, device: s
     torch.set_num_threads(threads)
     data = load(seed=seed).to(device)
     model = mlp(hidden, seed=seed).to(device)
+    if impl == "torch.optim.ulp":
+        # Every initial weight moved by one float32 ulp: how far such a
+        # rounding-sized nudge travels measures how chaotic the trajectory is.
+        with torch.no_grad():
+            for p in model.parameters():
+                p.copy_(torch.nextafter(p, torch.full_like(p, float("inf"))))
     opt = make_optimizer(impl, model.parameters())
     losses = []
     start = time.perf_counter()
