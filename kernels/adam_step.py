@@ -162,23 +162,25 @@ def _adam_block(
     exp_avg = tl.load(exp_avg_ptr + offsets, mask=mask).to(tl.float32)
     exp_avg_sq = tl.load(exp_avg_sq_ptr + offsets, mask=mask).to(tl.float32)
 
-    # The operation order follows torch's single-tensor Adam, and division and square root are the
-    # IEEE round-to-nearest ones (Triton's default '/' is approximate on GPUs), so float32 results
-    # agree with torch to an ulp.
+    # The operation order follows torch's single-tensor Adam, division and square root are the
+    # IEEE round-to-nearest ones (Triton's default '/' is approximate on GPUs), and the compiler
+    # may not contract anything (enable_fp_fusion=False at launch).
     if HAS_GRAD_SCALE:
         grad = tl.div_rn(grad, grad_scale)
     grad = grad * clip  # 1.0 unless clipping: the grads are clipped here, never rewritten
     grad = grad * grad_sign  # exact: maximize negates
     param = param * param_scale
+    # The fused multiply-adds are where torch's CPU kernels have them (grad.add(param, alpha),
+    # lerp, addcmul), and nowhere else: float32 results then match torch's bit for bit.
     if l2 != 0.0:
-        grad = grad + l2 * param
+        grad = tl.fma(l2, param, grad)
     # torch.lerp's two-sided formula, exact at weight 1.
     if one_minus_beta1 < 0.5:
-        exp_avg = exp_avg + one_minus_beta1 * (grad - exp_avg)
+        exp_avg = tl.fma(one_minus_beta1, grad - exp_avg, exp_avg)
     else:
-        exp_avg = grad - (grad - exp_avg) * (1.0 - one_minus_beta1)
+        exp_avg = tl.fma(exp_avg - grad, 1.0 - one_minus_beta1, grad)
     exp_avg_sq = exp_avg_sq * beta2
-    exp_avg_sq = exp_avg_sq + one_minus_beta2 * grad * grad
+    exp_avg_sq = tl.fma(one_minus_beta2 * grad, grad, exp_avg_sq)
     if AMSGRAD:
         max_exp_avg_sq = tl.load(max_exp_avg_sq_ptr + offsets, mask=mask).to(tl.float32)
         max_exp_avg_sq = tl.maximum(max_exp_avg_sq, exp_avg_sq)
@@ -186,7 +188,7 @@ def _adam_block(
         denom = tl.div_rn(tl.sqrt_rn(max_exp_avg_sq), bc2_sqrt) + eps
     else:
         denom = tl.div_rn(tl.sqrt_rn(exp_avg_sq), bc2_sqrt) + eps
-    param = param + neg_step_size * tl.div_rn(exp_avg, denom)
+    param = param + tl.div_rn(neg_step_size * exp_avg, denom)
 
     _store_rounded(param_ptr + offsets, param, mask, PARAM_DTYPE)
     _store_rounded(exp_avg_ptr + offsets, exp_avg, mask, STATE_DTYPE)
@@ -307,5 +309,6 @@ def launch_adam_step(tensor_table, grad_table, block_map, coef_table, grad_scale
         grad_scale if grad_scale is not None else coef_table,
         found_inf if found_inf is not None else coef_table,
         HAS_GRAD_SCALE=grad_scale is not None, HAS_FOUND_INF=found_inf is not None,
-        BLOCK_SIZE=block_size, TILE_SIZE=tile_size, num_warps=num_warps, **spec,
+        BLOCK_SIZE=block_size, TILE_SIZE=tile_size, num_warps=num_warps,
+        enable_fp_fusion=False, **spec,
     )

@@ -298,3 +298,36 @@ def test_bad_formulation_arguments():
         triton_adam.AdamW(p, weight_decay_mode="paper")
     with pytest.raises(ValueError, match="max_grad_norm"):
         triton_adam.AdamW(p, max_grad_norm=0.0)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
+@pytest.mark.parametrize("options", [dict(eps_mode="paper"), dict(bias_correction=False),
+                                     dict(weight_decay_mode="schedule"),
+                                     dict(skip_nonfinite=True, amsgrad=True)],
+                         ids=["paper", "no-bias-correction", "schedule", "skip"])
+def test_triton_and_torch_backends_give_the_same_bits(dtype, options):
+    from triton_adam._plan import interpreter_enabled
+    if not interpreter_enabled():
+        pytest.skip("compares the Triton kernels on CPU tensors (interpreter)")
+    generator = torch.Generator().manual_seed(21)
+    initial = torch.randn(3008, generator=generator).to(dtype)  # see the tail note in
+    # test_optimizer_parity.test_bit_identical_to_torch_fused_on_cpu
+    params = [torch.nn.Parameter(initial.clone()) for _ in range(2)]
+    optimizers = [triton_adam.AdamW([p], lr=5e-3, betas=(0.8, 0.99), eps=1e-4,
+                                    weight_decay=0.05, backend=backend, **options)
+                  for p, backend in zip(params, ("triton", "torch"))]
+    for opt in optimizers:
+        opt.param_groups[0]["initial_lr"] = 1e-2  # a schedule that has decayed lr by half
+    for step in range(5):
+        grad = (torch.randn(3008, generator=generator) * 1e-2).to(dtype)
+        if step == 2 and "skip_nonfinite" in options:
+            grad[5] = float("nan")
+        for p in params:
+            p.grad = grad.clone()
+        for opt in optimizers:
+            opt.step()
+        assert torch.equal(params[0], params[1])
+    if "skip_nonfinite" in options:
+        for key in ("exp_avg", "exp_avg_sq", "max_exp_avg_sq", "step"):
+            assert torch.equal(optimizers[0].state[params[0]][key],
+                               optimizers[1].state[params[1]][key]), key
