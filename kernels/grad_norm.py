@@ -101,7 +101,9 @@ def grad_norm_finalize_kernel(
             acc = _max_keeping_nan(acc, value)
         else:
             acc = acc + value
-        count = count + tl.load(nonfinite_counts + start + lanes, mask=in_range, other=0)
+        # an OR of per-block flags: a sum of counts could wrap past 2**31 NaNs
+        block_count = tl.load(nonfinite_counts + start + lanes, mask=in_range, other=0)
+        count = tl.maximum(count, (block_count > 0).to(tl.int32))
     if NORM == 0:
         norm = tl.max(acc, axis=0)
         norm = tl.where(tl.sum((acc != acc).to(tl.int32), axis=0) > 0, float("nan"), norm)
@@ -109,7 +111,7 @@ def grad_norm_finalize_kernel(
         norm = tl.sum(acc, axis=0)
     if NORM == 2:
         norm = tl.sqrt_rn(norm)
-    any_nonfinite = tl.sum(count, axis=0) > 0
+    any_nonfinite = tl.max(count, axis=0) > 0
     if HAS_GRAD_SCALE:
         norm = tl.div_rn(norm, tl.load(grad_scale_ptr))
     flag = any_nonfinite.to(tl.float32)

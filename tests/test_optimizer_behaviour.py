@@ -216,3 +216,54 @@ def test_named_parameters_work():
     opt = triton_adam.AdamW(model.named_parameters(), lr=1e-2)
     train(model, opt, 2)
     assert "param_names" in opt.state_dict()["param_groups"][0]
+
+
+@pytest.mark.parametrize("device,backend", DEVICE_BACKENDS)
+def test_replaced_or_cleared_state_is_followed_like_torch(device, backend):
+    """Replacing a state tensor (e.g. moving state) or clearing the state must not leave the
+    kernels writing through the old tensors' addresses."""
+    ours, theirs = make_model(device), make_model(device)
+    ours_opt = triton_adam.AdamW(ours.parameters(), lr=1e-2, backend=backend)
+    torch_opt = torch.optim.AdamW(theirs.parameters(), lr=1e-2, foreach=False)
+    train(ours, ours_opt, 2)
+    train(theirs, torch_opt, 2)
+    for opt in (ours_opt, torch_opt):
+        for state in opt.state.values():
+            state["exp_avg"] = state["exp_avg"].clone()
+            state["exp_avg_sq"] = state["exp_avg_sq"] * 1.0
+    train(ours, ours_opt, 2, first_seed=2)
+    train(theirs, torch_opt, 2, first_seed=2)
+    assert_same_params(ours, theirs, rtol=1e-5, atol=1e-6)
+    for p, q in zip(ours.parameters(), theirs.parameters()):
+        torch.testing.assert_close(ours_opt.state[p]["exp_avg"], torch_opt.state[q]["exp_avg"])
+    ours_opt.state.clear()
+    torch_opt.state.clear()
+    train(ours, ours_opt, 2, first_seed=4)
+    train(theirs, torch_opt, 2, first_seed=4)
+    assert_same_params(ours, theirs, rtol=1e-5, atol=1e-6)
+    assert all(s["step"].item() == 2 for s in ours_opt.state.values())
+
+
+@pytest.mark.parametrize("device,backend", DEVICE_BACKENDS)
+def test_conjugated_complex_grad_is_read_as_its_value(device, backend):
+    generator = torch.Generator().manual_seed(5)
+    value = torch.randn(6, generator=generator, dtype=torch.complex64).to(device)
+    grad = torch.randn(6, generator=generator, dtype=torch.complex64).to(device)
+    lazy, eager = torch.nn.Parameter(value.clone()), torch.nn.Parameter(value.clone())
+    lazy.grad, eager.grad = grad.conj(), grad.conj().resolve_conj()
+    assert lazy.grad.is_conj()
+    for p in (lazy, eager):
+        triton_adam.AdamW([p], lr=1e-2, backend=backend).step()
+    assert torch.equal(lazy, eager)
+
+
+def test_nonfinite_flag_does_not_wrap_past_int32():
+    from triton_adam._plan import interpreter_enabled
+    if not interpreter_enabled():
+        pytest.skip("runs the finalize kernel on CPU tensors (interpreter)")
+    from triton_adam.kernels import grad_norm as N
+    partials = torch.full((3,), float("nan"))
+    counts = torch.full((3,), 2**30 + 1, dtype=torch.int32)  # a sum would wrap negative
+    norm, flag = torch.empty(()), torch.empty(())
+    N.launch_grad_norm_finalize(partials, counts, 3, norm, flag, 2)
+    assert flag.item() == 1.0 and torch.isnan(norm)

@@ -8,7 +8,7 @@ import torch
 from torch import Tensor
 
 from ._tables import (ALIGNED_TILE_SIZE, ALIGNMENT, BLOCK_SIZE, NUM_WARPS, UNALIGNED_TILE_SIZE,
-                      build_block_map, triton_dtype)
+                      build_block_map, on_device, triton_dtype)
 from .kernels import adam_step as K
 from .kernels import grad_norm as N
 
@@ -63,7 +63,10 @@ class TritonGradNorm:
         ``grad_scale`` (when given), and 1.0 when any grad element is NaN/inf or ``found_inf``
         is set, else 0.0.
         """
-        code = NORM_CODES[float(norm_type)]
+        with on_device(self.norm.device):
+            return self._run(sources, grad_scale, found_inf, NORM_CODES[float(norm_type)])
+
+    def _run(self, sources, grad_scale, found_inf, code):
         offset = 0
         for source in sources:
             if not isinstance(source, NormSource):

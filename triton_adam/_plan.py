@@ -17,7 +17,7 @@ from torch import Tensor
 from . import _validation
 from ._grad_norm import TritonGradNorm
 from ._tables import (ALIGNED_TILE_SIZE, ALIGNMENT, BLOCK_SIZE, NUM_WARPS, UNALIGNED_TILE_SIZE,
-                      build_block_map, triton_dtype, upload)
+                      build_block_map, on_device, triton_dtype, upload)
 from ._torch_backend import TorchBucket, grad_norm_and_nonfinite
 from .kernels import adam_step as K
 
@@ -60,29 +60,56 @@ class Member:
     stride: tuple
     numel: int
     dtype: torch.dtype
+    # the tensors whose addresses the tables hold: kept alive here, and compared by identity each
+    # step so that a replaced state tensor rebuilds the tables instead of being written through
+    # a stale address
+    state_tensors: tuple = ()
+
+    def state_unchanged(self, state: dict) -> bool:
+        return all(state.get(key) is tensor for key, tensor in self.state_tensors)
 
     def flat(self, tensor: Tensor) -> Tensor:
         return torch.view_as_real(tensor) if tensor.is_complex() else tensor
 
 
-def hyper_row(group: dict, lr, max_grad_norm) -> tuple:
-    """The float64 hyperparameter row of one param group, in HYP_* column order."""
+def hyper_row(group: dict, device: torch.device):
+    """One param group's float64 hyperparameter row (HYP_* order), and its device-side entries.
+
+    Tensor hyperparameters (lr, initial_lr as torch's schedulers record it for a tensor lr, betas)
+    that live on ``device`` (a GPU) are not read on the host: their columns hold 0 here and the
+    second result lists ``(column, tensor)`` to copy on the device, so the step never syncs.
+    """
+    on_device = []
+
+    def value(column, x):
+        if isinstance(x, Tensor) and x.device == device and device.type != "cpu":
+            on_device.append((column, x))
+            return 0.0
+        return float(x)
+
+    lr = group["lr"]
     beta1, beta2 = group["betas"]
-    initial_lr = group.get("initial_lr", lr)
-    return (float(lr), float(beta1), float(beta2), float(group["eps"]),
-            float(group["weight_decay"]), float(bool(group.get("decoupled_weight_decay", False))),
-            float(bool(group["maximize"])), float(group.get("eps_mode", "torch") == "paper"),
-            float(bool(group.get("bias_correction", True))),
-            float(group.get("weight_decay_mode", "torch") == "schedule"),
-            float(initial_lr) if float(initial_lr) != 0.0 else 1.0,
-            float("inf") if max_grad_norm is None else float(max_grad_norm))
+    row = [0.0] * int(K.HYPER_WIDTH)
+    row[int(K.HYP_LR)] = value(K.HYP_LR, lr)
+    row[int(K.HYP_BETA1)] = value(K.HYP_BETA1, beta1)
+    row[int(K.HYP_BETA2)] = value(K.HYP_BETA2, beta2)
+    row[int(K.HYP_EPS)] = float(group["eps"])
+    row[int(K.HYP_WEIGHT_DECAY)] = float(group["weight_decay"])
+    row[int(K.HYP_DECOUPLED)] = float(bool(group.get("decoupled_weight_decay", False)))
+    row[int(K.HYP_MAXIMIZE)] = float(bool(group["maximize"]))
+    row[int(K.HYP_EPS_PAPER)] = float(group.get("eps_mode", "torch") == "paper")
+    row[int(K.HYP_BIAS_CORRECTION)] = float(bool(group.get("bias_correction", True)))
+    row[int(K.HYP_DECAY_SCHEDULE)] = float(group.get("weight_decay_mode", "torch") == "schedule")
+    # without a scheduler, the schedule multiplier lr / initial_lr is 1
+    row[int(K.HYP_INITIAL_LR)] = value(K.HYP_INITIAL_LR, group.get("initial_lr", lr)) or 1.0
+    return tuple(row), on_device
 
 
 class HyperTable:
     """float64 ``[n_groups, HYPER_WIDTH]`` on one device; uploaded only when a value changes.
 
-    A tensor lr on the table's device is copied device-side every step, so a captured CUDA graph
-    follows the lr tensor's later values.
+    Tensor hyperparameters on the table's device are copied device-side every step, so a captured
+    CUDA graph follows their later values.
     """
 
     def __init__(self, device: torch.device, n_groups: int):
@@ -92,20 +119,24 @@ class HyperTable:
         self._keep_alive = []  # host buffers read by captured copies
 
     def update(self, groups, max_grad_norm) -> Tensor:
-        rows, device_lrs = [], []
+        rows, device_copies = [], []
         for index, group in enumerate(groups):
-            lr = group["lr"]
-            if isinstance(lr, Tensor) and lr.device == self.device and self.device.type != "cpu":
-                device_lrs.append((index, lr))
-                lr = 0.0
-            rows.append(hyper_row(group, lr, max_grad_norm))
+            row, on_device = hyper_row(group, self.device)
+            row = list(row)
+            row[int(K.HYP_MAX_GRAD_NORM)] = (float("inf") if max_grad_norm is None
+                                             else float(max_grad_norm))
+            rows.append(tuple(row))
+            device_copies += [(index, column, tensor) for column, tensor in on_device]
         if rows != self.values:
-            host = torch.zeros((len(rows), int(K.HYPER_WIDTH)), dtype=torch.float64)
-            host[:, :len(rows[0])] = torch.tensor(rows, dtype=torch.float64)
-            upload(host, self.table, self._keep_alive)
+            if self.device.type == "cuda" and torch.cuda.is_current_stream_capturing():
+                raise RuntimeError(
+                    "triton-adam: a float hyperparameter (lr, betas, eps, weight_decay, ...) "
+                    "changed during CUDA graph capture; a captured step would keep the old value. "
+                    "Use a tensor lr (and capturable=True) for schedules under graph capture")
+            upload(torch.tensor(rows, dtype=torch.float64), self.table, self._keep_alive)
             self.values = rows
-        for index, lr in device_lrs:
-            self.table[index, int(K.HYP_LR)].copy_(lr)
+        for index, column, tensor in device_copies:
+            self.table[index, int(column)].copy_(tensor, non_blocking=True)
         return self.table
 
 
@@ -174,12 +205,13 @@ class TritonBucket:
 
     def launch(self, hyper_table, grad_scale, found_inf, grad_norm):
         aligned = self.aligned
-        K.launch_adam_coefficients(self.tensor_table, hyper_table, self.coef_table, found_inf,
-                                   grad_norm, len(self.members))
-        K.launch_adam_step(
-            self.tensor_table, self.grad_table, self.block_map, self.coef_table, grad_scale,
-            found_inf, self.n_blocks, dict(self.spec, ALIGNED=aligned), BLOCK_SIZE,
-            self.tile_size, NUM_WARPS)
+        with on_device(self.device):
+            K.launch_adam_coefficients(self.tensor_table, hyper_table, self.coef_table,
+                                       found_inf, grad_norm, len(self.members))
+            K.launch_adam_step(
+                self.tensor_table, self.grad_table, self.block_map, self.coef_table, grad_scale,
+                found_inf, self.n_blocks, dict(self.spec, ALIGNED=aligned), BLOCK_SIZE,
+                self.tile_size, NUM_WARPS)
 
 
 def state_key_names(amsgrad: bool):
@@ -208,6 +240,8 @@ class StepPlan:
                 member = Member(gi, pi, param, flat, state, tuple(param.stride()),
                                 param.numel(), param.dtype)
                 _check_state_layout(member, amsgrad)
+                member.state_tensors = tuple((key, state[key]) for key in
+                                             ("step",) + state_key_names(amsgrad))
                 # Hyperparameters and the decoupled/maximize flags are per tensor in the Triton
                 # launch; torch's fused kernels take them per call, hence per group.
                 key = (backend, param.device, flat.dtype, amsgrad)
@@ -240,6 +274,12 @@ class StepPlan:
         self.hyper_tables = {d: HyperTable(d, len(groups)) for d in devices}
         self.members = [m for ms in members_by_key.values() for m in ms]
         self.grad_norm_runner = None
+
+    def state_unchanged(self, optimizer) -> bool:
+        """True while every member's state dict and state tensors are the ones in the tables."""
+        state = optimizer.state
+        return all(state.get(m.param) is m.state and m.state_unchanged(m.state)
+                   for m in self.members)
 
     def run(self, optimizer, grads_by_group, grad_scale, found_inf):
         """Launch the step: check this step's grads, then (optionally) norm, then update."""
@@ -297,7 +337,8 @@ class StepPlan:
 def _on_device(tensor, device):
     if tensor is None:
         return None
-    return tensor.to(device=device, dtype=torch.float32, non_blocking=True)
+    # non_blocking only towards a GPU: a non-blocking copy to the CPU may be read before it lands
+    return tensor.to(device=device, dtype=torch.float32, non_blocking=device.type == "cuda")
 
 
 def _gather_grads(bucket, grads_by_group) -> list:
@@ -316,6 +357,8 @@ def _gather_grads(bucket, grads_by_group) -> list:
 
 def _kernel_grad(member: Member, grad: Tensor) -> Tensor:
     """The grad in its param's memory layout (a copy only if autograd gave it other strides)."""
+    if member.dtype.is_complex and grad.is_conj():
+        grad = grad.resolve_conj()  # the kernels read memory; a lazy conjugate is not in it
     if grad.stride() != member.stride and member.numel > 1:
         grad = torch.empty_like(member.param).copy_(grad)
     return grad

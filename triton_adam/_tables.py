@@ -1,6 +1,8 @@
 """What the step and the grad-norm launches share: launch sizes, dtypes, block maps, uploads."""
 from __future__ import annotations
 
+import contextlib
+
 import numpy as np
 import torch
 from torch import Tensor
@@ -54,3 +56,14 @@ def build_block_map(blocks_per_tensor: np.ndarray) -> np.ndarray:
     first_block = np.cumsum(blocks_per_tensor) - blocks_per_tensor
     block_index = np.arange(n_blocks, dtype=np.int64) - np.repeat(first_block, blocks_per_tensor)
     return np.ascontiguousarray(np.stack([tensor_index, block_index.astype(np.int32)], axis=1))
+
+
+def on_device(device: torch.device):
+    """Context in which Triton launches go to ``device`` and its current stream.
+
+    Triton launches on the *current* CUDA device; with params on several GPUs each bucket must
+    make its own device current, or its kernels would run on another GPU's stream.
+    """
+    if device.type == "cuda":
+        return torch.cuda.device(device)
+    return contextlib.nullcontext()

@@ -80,6 +80,7 @@ class _FusedAdamBase(torch.optim.Optimizer):
         betas = tuple(map(_validation.to_scalar, betas))
         self.backend = backend
         self._plan = None
+        self._captured_plans = []
         self._layout_version = 0
         defaults = dict(lr=lr, betas=betas, eps=eps, weight_decay=weight_decay, amsgrad=amsgrad,
                         maximize=maximize, foreach=foreach, capturable=capturable,
@@ -112,6 +113,7 @@ class _FusedAdamBase(torch.optim.Optimizer):
         super().__setstate__(state)
         self.__dict__.setdefault("backend", "auto")
         self.__dict__.setdefault("_layout_version", 0)
+        self.__dict__.setdefault("_captured_plans", [])
         for key, default in (("max_grad_norm", None), ("skip_nonfinite", False),
                              ("last_grad_norm", None), ("last_step_skipped", None)):
             self.__dict__.setdefault(key, default)
@@ -153,9 +155,10 @@ class _FusedAdamBase(torch.optim.Optimizer):
         self._plan = None
         self._layout_version = getattr(self, "_layout_version", 0) + 1
 
-    def _check_graph_capture(self, needs_new_plan: bool) -> None:
+    def _check_graph_capture(self, needs_new_plan: bool) -> bool:
+        """Raise if this step cannot be captured; return whether a capture is under way."""
         if not (torch.cuda.is_available() and torch.cuda.is_current_stream_capturing()):
-            return
+            return False
         if not all(group["capturable"] for group in self.param_groups):
             raise RuntimeError(f"Attempting CUDA graph capture of step() for an instance of "
                                f"{type(self).__name__} but param_groups' capturable is False.")
@@ -164,6 +167,7 @@ class _FusedAdamBase(torch.optim.Optimizer):
                 "triton-adam: the params with grads (or their memory) changed, which needs new "
                 "device tables, and tables cannot be built during CUDA graph capture; run one "
                 "eager step with the same params and grads before capturing")
+        return True
 
     def _signature(self, grads_by_group):
         return (self._layout_version, tuple(
@@ -215,11 +219,16 @@ class _FusedAdamBase(torch.optim.Optimizer):
                 loss = closure()
         grads_by_group = [[p.grad for p in group["params"]] for group in self.param_groups]
         signature = self._signature(grads_by_group)
-        needs_new_plan = self._plan is None or self._plan.signature != signature
-        self._check_graph_capture(needs_new_plan)
+        needs_new_plan = (self._plan is None or self._plan.signature != signature
+                          or not self._plan.state_unchanged(self))
+        capturing = self._check_graph_capture(needs_new_plan)
         if needs_new_plan:
             self._plan = None
             self._plan = self._build_plan(grads_by_group, signature)
+        if capturing and self._plan not in self._captured_plans:
+            # A captured graph replays with this plan's device tables: keep them alive even if
+            # a later eager step builds new ones.
+            self._captured_plans.append(self._plan)
         self._plan.run(self, grads_by_group, getattr(self, "grad_scale", None),
                        getattr(self, "found_inf", None))
         return loss
