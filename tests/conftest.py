@@ -30,3 +30,13 @@ DEVICE_BACKENDS = [pytest.param(d, b, marks=[pytest.mark.cuda] if d == "cuda" el
 
 def pytest_configure(config):
     config.addinivalue_line("markers", "cuda: needs a CUDA device (run by perf/gpu_check.sh)")
+
+
+@pytest.fixture
+def one_torch_thread():
+    """torch on one thread for the test: on a busy 2-core box OpenMP barriers with descheduled
+    threads stretch a 2 ms step to hundreds of ms."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)

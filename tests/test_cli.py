@@ -22,16 +22,8 @@ def _env_without_interpret():
 
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    # Timing values are not asserted; one thread keeps these tests quick on a busy 2-core box,
-    # where OpenMP barriers with descheduled threads stretch a 2 ms step to hundreds of ms.
-    import torch
-
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+# Timing values are not asserted; one thread keeps these tests quick on a busy 2-core box.
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 @pytest.fixture
 def small_copy(monkeypatch):
