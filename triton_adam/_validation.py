@@ -5,7 +5,6 @@ failed ``step()`` leaves params and state exactly as they were.
 """
 from __future__ import annotations
 
-import torch
 from torch import Tensor
 
 

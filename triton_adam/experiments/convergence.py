@@ -82,7 +82,7 @@ def run(out_dir: str, quick: bool, tracker, device: str, threads: int) -> Sectio
     n_runs = len(tasks) * len(OPTIMIZERS) * (n_grid + len(seeds) - 1)
     advance = tracker.task("2 convergence", total=n_runs)
 
-    summary_rows, impls, verdict_parts, details = [], {}, [], []
+    summary_rows, impls, details = [], {}, []
     fig, axes = plt.subplots(1, len(tasks), figsize=(6.2 * len(tasks), 4.6), squeeze=False)
     outcome, edge_notes, spreads = [], [], {}
     for ax, task in zip(axes[0], tasks):
@@ -139,9 +139,9 @@ def run(out_dir: str, quick: bool, tracker, device: str, threads: int) -> Sectio
                   + ("more than" if margin > spread else "within")
                   + f" one seed std ({fmt(spread)})" if len(seeds) > 1 else "one seed only")
     claims = [
-        (f"6.1 logistic regression: Adam converges like SGD-Nesterov (within 25 %) and both faster than Adagrad",
+        ("6.1 logistic regression: Adam converges like SGD-Nesterov (within 25 %) and both faster than Adagrad",
          lr_ok, ", ".join(f"{k} {fmt(v)}" for k, v in lr_f.items())),
-        (f"6.2 MLP with dropout: Adam reaches the lowest training loss", mlp_ok,
+        ("6.2 MLP with dropout: Adam reaches the lowest training loss", mlp_ok,
          "ranking " + " < ".join(f"{k} {fmt(mlp_f[k])}" for k in ranking) + f"; {noise_note}"),
     ]
     n_ok = sum(ok for _, ok, _ in claims)

@@ -16,7 +16,6 @@ import time
 from pathlib import Path
 
 import numpy as np
-import torch
 
 from .optimizers import triton_adam_module
 from .plotting import plt, save
