@@ -55,6 +55,16 @@ def _deterministic_randomness(request):
 
 def pytest_configure(config):
     config.addinivalue_line("markers", "cuda: needs a CUDA device (run by perf/gpu_check.sh)")
+    from interpreter_faults import loop_bound_error
+    message = loop_bound_error()
+    if message:
+        raise pytest.UsageError(message)
+
+
+def pytest_report_header(config):
+    import triton
+    return (f"triton {triton.__version__}, torch {torch.__version__}, numpy {np.__version__}, "
+            f"interpreter {'on' if interpreter_enabled() else 'off'}")
 
 
 @pytest.fixture
