@@ -141,6 +141,13 @@ def small_copy(monkeypatch):
     monkeypatch.setattr(timing, "default_copy_bytes", lambda device: 8 * 2**20)
 
 
+def _fake_provider(monkeypatch, name, load):
+    """Register, for one test, a provider whose library loader is ``load``."""
+    fake = providers.Provider(name, "fake", load, "not-a-package")
+    monkeypatch.setattr(providers, "PROVIDERS", providers.PROVIDERS + [fake])
+    monkeypatch.setitem(providers.BY_NAME, name, fake)
+
+
 def test_run_bench_record_schema_and_bytes(small_copy):
     record = runner.run_bench(_quick_cfg())
     assert report.validate_record(record) == []
@@ -172,9 +179,7 @@ def test_unavailable_provider_is_listed_with_reason(small_copy, monkeypatch):
     def broken(cfg):
         raise ImportError("No module named 'not_a_lib'")
 
-    fake = providers.Provider("fake", "fake lib", broken)
-    monkeypatch.setattr(providers, "PROVIDERS", providers.PROVIDERS + [fake])
-    monkeypatch.setitem(providers.BY_NAME, "fake", fake)
+    _fake_provider(monkeypatch, "fake", broken)
     record = runner.run_bench(_quick_cfg(providers=["fake"]))
     (row,) = record["results"]
     assert row["status"] == "skipped"
@@ -188,9 +193,7 @@ def test_failing_provider_is_an_error_row(small_copy, monkeypatch):
             raise RuntimeError("kernel exploded")
         return make
 
-    fake = providers.Provider("boom", "fails at construction", load)
-    monkeypatch.setattr(providers, "PROVIDERS", providers.PROVIDERS + [fake])
-    monkeypatch.setitem(providers.BY_NAME, "boom", fake)
+    _fake_provider(monkeypatch, "boom", load)
     record = runner.run_bench(_quick_cfg(providers=["boom", "fused"]))
     rows = {r["provider"]: r for r in record["results"]}
     assert rows["boom"]["status"] == "error" and "kernel exploded" in rows["boom"]["reason"]
@@ -328,11 +331,59 @@ def test_unknown_provider_and_dtype_are_rejected():
         runner.run_bench(_quick_cfg(dtypes=["fp8"]))
 
 
-def test_unavailable_providers_declare_why(monkeypatch):
-    p = providers.BY_NAME["apex"]
-    assert p.unsupported_reason(torch.device("cpu"), providers.OptimConfig()) == "needs a CUDA device"
+def test_unavailable_providers_declare_why():
+    """Only API facts are declared; no peer is assumed CUDA-only (a refusal is the peer's own)."""
+    cfg = providers.OptimConfig()
+    for p in providers.PROVIDERS:
+        assert p.unsupported_reason(cfg, torch.float16) is None, p.name
     h = providers.BY_NAME["heavyball"]
-    assert h.unsupported_reason(torch.device("cpu"), providers.OptimConfig(kind="adam")) == "AdamW only"
+    assert h.unsupported_reason(providers.OptimConfig(kind="adam")) == "AdamW only"
+    assert providers.BY_NAME["optimi"].unsupported_reason(providers.OptimConfig(amsgrad=True)) == (
+        "no amsgrad option")
+    assert "bf16/fp16" in providers.BY_NAME["optimi-kahan"].unsupported_reason(cfg, torch.float32)
+
+
+def test_peer_refusing_the_device_is_skipped_with_its_own_message(small_copy, monkeypatch):
+    def make(params, cfg):
+        raise NotImplementedError("Quantization requires a CUDA device.")
+
+    _fake_provider(monkeypatch, "refuser", lambda cfg: make)
+    record = runner.run_bench(_quick_cfg(providers=["refuser"]))
+    (row,) = record["results"]
+    assert row["status"] == "skipped"
+    assert row["reason"] == "NotImplementedError: Quantization requires a CUDA device."
+    assert row["version"] is None  # "not-a-package" is not installed
+
+
+def test_optimizer_dropping_grads_is_an_error_row(small_copy, monkeypatch):
+    """An optimizer that sets .grad to None would be timed doing nothing after its first step."""
+    class Consuming(torch.optim.SGD):
+        def step(self, closure=None):
+            super().step(closure)
+            for group in self.param_groups:
+                for p in group["params"]:
+                    p.grad = None
+
+    _fake_provider(monkeypatch, "consumer", lambda cfg: lambda params, c: Consuming(params, lr=0.1))
+    record = runner.run_bench(_quick_cfg(providers=["consumer"]))
+    (row,) = record["results"]
+    assert row["status"] == "error" and ".grad to None" in row["reason"]
+
+
+def test_rows_carry_versions_held_bytes_and_ratio_to_ours(small_copy):
+    record = runner.run_bench(_quick_cfg(providers=["triton-adam", "forloop", "fused"],
+                                         dtypes=["fp32", "bf16"]))
+    assert report.validate_record(record) == []
+    rows = {(r["provider"], r["dtype"]): r for r in record["results"]}
+    assert rows[("fused", "fp32")]["version"] == torch.__version__
+    for (name, dtype), r in rows.items():
+        assert r["status"] == "ok", r
+        # torch and triton-adam keep m and v in the param dtype: 8 B per param fp32, 4 B bf16.
+        assert r["held_bytes_per_param"] == (8 if dtype == "fp32" else 4), r
+    for dtype in ("fp32", "bf16"):
+        ours, fused = rows[("triton-adam", dtype)], rows[("fused", dtype)]
+        assert ours["speedup_vs_triton_adam"] == pytest.approx(1.0)
+        assert fused["speedup_vs_triton_adam"] == pytest.approx(ours["median_ms"] / fused["median_ms"])
 
 
 # ------------------------------------------------------------------ report

@@ -9,7 +9,9 @@ per element, and are counted as zero: NEGLIGIBLE_NOTE says so in every report.
 
 For optimizers whose state is not plain m/v (8-bit blockwise states with per-block scales, Kahan
 buffers, ...), ``bytes_from_optimizer_state`` counts what the optimizer actually keeps: every
-non-scalar state tensor is assumed read and written once per step.
+non-scalar state tensor is assumed read and written once per step. ``held_bytes`` counts the same
+tensors once: the memory an optimizer holds besides params and grads (states + master), the
+baseline of the precision work (fp32 AdamW: 8 B per param).
 
 Gradient clipping (``bench --clip MAX_NORM``) adds passes over the grads, at the grad dtype's size:
 - torch's ``clip_grad_norm_`` reads every grad once for the norm, then reads and writes every grad
@@ -23,7 +25,7 @@ interpreter) the fallback moves more than this; the figure stays the fused kerne
 """
 from __future__ import annotations
 
-from typing import Iterable, Optional, Sequence
+from typing import Any, Iterable, Iterator, Optional, Sequence
 
 import torch
 
@@ -107,31 +109,49 @@ def _tensor_bytes(t: torch.Tensor) -> Optional[int]:
     return t.numel() * t.element_size()
 
 
+def _state_tensors(state: Any) -> Iterator[torch.Tensor]:
+    """The per-element state tensors of one param's state: every tensor of more than zero
+    dimensions, inside nested dicts too (heavyball keeps ``{0: {"..._exp_avg_0": ...}}``).
+    0-d tensors are step counters and scales: negligible."""
+    if isinstance(state, torch.Tensor):
+        if state.dim() > 0:
+            yield state
+    elif isinstance(state, dict):
+        for value in state.values():
+            yield from _state_tensors(value)
+
+
+def held_bytes(optimizer: torch.optim.Optimizer, params: Sequence[torch.Tensor]) -> Optional[int]:
+    """Bytes the optimizer holds for ``params`` besides the params and grads: its per-element
+    states, plus master weights or Kahan buffers where it keeps them in its state, at their
+    storage size (codes + per-block scales for quantised states). None when no state is found
+    (never stepped, or state kept outside ``optimizer.state``) or a state tensor's size cannot be
+    determined. Call after at least one step, once the state exists."""
+    total, found = 0, False
+    for p in params:
+        for t in _state_tensors(optimizer.state.get(p, {})):
+            b = _tensor_bytes(t)
+            if b is None:
+                return None
+            total, found = total + b, True
+    return total if found else None
+
+
 def bytes_from_optimizer_state(
     optimizer: torch.optim.Optimizer, params: Sequence[torch.Tensor]
 ) -> Optional[int]:
     """Bytes one step moves, counting the optimizer's own per-element state.
 
-    Reads and writes each param, reads each grad, and reads and writes every state tensor of
-    more than zero dimensions (0-d tensors are step counters and scales: negligible). Returns
-    None when a state tensor's size cannot be determined or no state is found, so callers mark
-    the figure n/a.
+    Reads and writes each param, reads each grad, and reads and writes every state tensor that
+    ``held_bytes`` counts. None when ``held_bytes`` is None, so callers mark the figure n/a.
     Call after at least one step, once the state exists.
     """
-    total = 0
-    found_state = False
+    state = held_bytes(optimizer, params)
+    if state is None:  # better n/a than a flattering figure
+        return None
+    total = 2 * state
     for p in params:
         total += 2 * p.numel() * p.element_size()
         g = p.grad
         total += (g.numel() * g.element_size()) if g is not None else 0
-        state = optimizer.state.get(p, {})
-        for value in state.values():
-            if not isinstance(value, torch.Tensor) or value.dim() == 0:
-                continue
-            b = _tensor_bytes(value)
-            if b is None:
-                return None
-            found_state = True
-            total += 2 * b
-    # State kept outside ``optimizer.state`` would be missed; better n/a than a flattering figure.
-    return total if found_state else None
+    return total

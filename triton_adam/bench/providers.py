@@ -6,6 +6,11 @@ counted: ``"model"`` uses the explicit byte model with the state dtype the optim
 allocated; ``"state"`` counts the optimizer's own state tensors (8-bit and compressed states,
 per-block scales included). Import failures are reported with the exception text, never hidden.
 
+Peers run wherever they run, CPU included: none is declared CUDA-only. A peer that refuses the
+device or dtype raises ``NotImplementedError`` when built or stepped (flashoptim on a CPU), and
+the runner reports that case as skipped with the peer's own message. ``build`` makes any provider's
+optimizer by name for code other than the benchmark (the experiments' side-by-side curves).
+
 With ``OptimConfig.max_grad_norm`` set, the timed step is "clip + step": triton-adam gets
 ``max_grad_norm=`` (the clip is fused into its step); every other provider runs
 ``torch.nn.utils.clip_grad_norm_`` (torch's default foreach choice) and then its own step,
@@ -14,8 +19,9 @@ which is what a training loop using it does.
 from __future__ import annotations
 
 import importlib
+import importlib.metadata
 from dataclasses import dataclass
-from typing import Any, Callable, Dict, List, Optional, Sequence
+from typing import Any, Callable, Dict, Iterable, List, Optional, Sequence
 
 import torch
 
@@ -43,21 +49,29 @@ class Provider:
     name: str
     description: str
     load: Callable[[OptimConfig], Factory]  # imports the library; raises if unavailable
+    package: str  # the PyPI distribution whose version a record carries
     bytes_source: str = "model"  # "model" or "state", see module docstring
-    cuda_only: bool = False
-    supports_amsgrad: bool = True
+    supports_amsgrad: bool = True  # False: the peer's API has no amsgrad option
     supports_adam: bool = True  # False: AdamW only
+    low_precision_only: bool = False  # a bf16/fp16 technique: fp32 params would repeat another row
     fused_clip: bool = False  # clips inside its own step (max_grad_norm=); else torch clips first
 
-    def unsupported_reason(self, device: torch.device, cfg: OptimConfig) -> Optional[str]:
-        """Why this provider cannot run the case, or None if it can."""
-        if self.cuda_only and device.type != "cuda":
-            return "needs a CUDA device"
+    def unsupported_reason(self, cfg: OptimConfig, dtype: Optional[torch.dtype] = None) -> Optional[str]:
+        """Why this provider has no row for the case (an API fact, not a device guess), or None."""
         if cfg.amsgrad and not self.supports_amsgrad:
-            return "no amsgrad support"
+            return "no amsgrad option"
         if cfg.kind == "adam" and not self.supports_adam:
             return "AdamW only"
+        if self.low_precision_only and dtype == torch.float32:
+            return "bf16/fp16 params only (the technique does nothing for fp32)"
         return None
+
+    def version(self) -> Optional[str]:
+        """The installed version of the provider's package, None when it is not installed."""
+        try:
+            return importlib.metadata.version(self.package)
+        except importlib.metadata.PackageNotFoundError:
+            return None
 
 
 def _common(cfg: OptimConfig) -> Dict[str, Any]:
@@ -92,12 +106,14 @@ def _load_te(cfg: OptimConfig) -> Factory:
     return lambda params, c: FusedAdam(params, adam_w_mode=(c.kind == "adamw"), **_common(c))
 
 
-def _load_optimi(cfg: OptimConfig) -> Factory:
-    import optimi
+def _optimi_loader(kahan_sum: bool) -> Callable[[OptimConfig], Factory]:
+    def load(cfg: OptimConfig) -> Factory:
+        import optimi
 
-    cls = optimi.AdamW if cfg.kind == "adamw" else optimi.Adam
-    # Kahan summation adds a buffer for low-precision params; off, so bytes compare like for like.
-    return lambda params, c: cls(params, kahan_sum=False, **_common(c))
+        cls = optimi.AdamW if cfg.kind == "adamw" else optimi.Adam
+        return lambda params, c: cls(params, kahan_sum=kahan_sum, **_common(c))
+
+    return load
 
 
 def _load_flashoptim(cfg: OptimConfig) -> Factory:
@@ -108,18 +124,21 @@ def _load_flashoptim(cfg: OptimConfig) -> Factory:
 
 
 def _load_heavyball(cfg: OptimConfig) -> Factory:
-    from heavyball import ForeachAdamW
+    import heavyball
 
-    return lambda params, c: ForeachAdamW(params, **_common(c))
+    # heavyball consumes .grad (sets it to None) by default; kept, as every other optimizer does,
+    # so that each timed step has grads to apply.
+    return lambda params, c: heavyball.AdamW(params, consume_grad=False, **_common(c))
 
 
-def _load_torchao(cfg: OptimConfig) -> Factory:
-    try:
+def _torchao_loader(adamw: str, adam: Optional[str], **flags: Any) -> Callable[[OptimConfig], Factory]:
+    """torchao.optim's class ``adamw`` (``adam`` for Adam; None: it has no Adam class)."""
+    def load(cfg: OptimConfig) -> Factory:
         mod = importlib.import_module("torchao.optim")
-    except ImportError:
-        mod = importlib.import_module("torchao.prototype.low_bit_optim")
-    cls = mod.AdamW8bit if cfg.kind == "adamw" else mod.Adam8bit
-    return lambda params, c: cls(params, amsgrad=c.amsgrad, **_common(c))
+        cls = getattr(mod, adamw if cfg.kind == "adamw" or adam is None else adam)
+        return lambda params, c: cls(params, amsgrad=c.amsgrad, **flags, **_common(c))
+
+    return load
 
 
 def _load_bnb(cfg: OptimConfig) -> Factory:
@@ -131,22 +150,33 @@ def _load_bnb(cfg: OptimConfig) -> Factory:
 
 PROVIDERS: List[Provider] = [
     Provider("triton-adam", "triton_adam.AdamW/Adam, backend='auto'", _load_triton_adam,
-             fused_clip=True),
-    Provider("forloop", "torch.optim, foreach=False", _torch_loader(foreach=False)),
-    Provider("foreach", "torch.optim, foreach=True", _torch_loader(foreach=True)),
-    Provider("fused", "torch.optim, fused=True", _torch_loader(fused=True)),
-    Provider("apex", "apex.optimizers.FusedAdam", _load_apex, cuda_only=True, supports_amsgrad=False),
-    Provider("transformer-engine", "transformer_engine FusedAdam", _load_te, cuda_only=True,
-             supports_amsgrad=False),
-    Provider("optimi", "torch-optimi AdamW (kahan_sum=False)", _load_optimi, supports_amsgrad=False),
-    Provider("flashoptim", "flashoptim FlashAdamW (compressed states)", _load_flashoptim,
-             bytes_source="state", cuda_only=True, supports_amsgrad=False),
-    Provider("heavyball", "heavyball ForeachAdamW", _load_heavyball, bytes_source="state",
+             "triton-adam", fused_clip=True),
+    Provider("forloop", "torch.optim, foreach=False", _torch_loader(foreach=False), "torch"),
+    Provider("foreach", "torch.optim, foreach=True", _torch_loader(foreach=True), "torch"),
+    Provider("fused", "torch.optim, fused=True", _torch_loader(fused=True), "torch"),
+    Provider("apex", "apex.optimizers.FusedAdam", _load_apex, "apex", supports_amsgrad=False),
+    Provider("transformer-engine", "transformer_engine FusedAdam", _load_te,
+             "transformer-engine-torch", supports_amsgrad=False),
+    Provider("optimi", "torch-optimi AdamW (kahan_sum=False)", _optimi_loader(False),
+             "torch-optimi", supports_amsgrad=False),
+    Provider("optimi-kahan", "torch-optimi AdamW (kahan_sum=True: Kahan buffer per param)",
+             _optimi_loader(True), "torch-optimi", bytes_source="state", supports_amsgrad=False,
+             low_precision_only=True),
+    Provider("flashoptim", "flashoptim FlashAdamW (compressed states, 24-bit master)",
+             _load_flashoptim, "flashoptim", bytes_source="state", supports_amsgrad=False),
+    Provider("heavyball", "heavyball.AdamW (consume_grad=False)", _load_heavyball, "heavyball", bytes_source="state",
              supports_amsgrad=False, supports_adam=False),
-    Provider("torchao-8bit", "torchao AdamW8bit (blockwise 8-bit states)", _load_torchao,
-             bytes_source="state", cuda_only=True),
+    Provider("torchao-8bit", "torchao.optim AdamW8bit (blockwise 8-bit states)",
+             _torchao_loader("AdamW8bit", "Adam8bit"), "torchao", bytes_source="state"),
+    Provider("torchao-4bit", "torchao.optim AdamW4bit (blockwise 4-bit states)",
+             _torchao_loader("AdamW4bit", "Adam4bit"), "torchao", bytes_source="state"),
+    Provider("torchao-fp8", "torchao.optim AdamWFp8 (blockwise float8 e4m3 states)",
+             _torchao_loader("AdamWFp8", "AdamFp8"), "torchao", bytes_source="state"),
+    Provider("torchao-bf16-sr", "torchao.optim _AdamW(bf16_stochastic_round=True)",
+             _torchao_loader("_AdamW", None, bf16_stochastic_round=True), "torchao",
+             bytes_source="state", supports_adam=False, low_precision_only=True),
     Provider("bnb-8bit", "bitsandbytes AdamW8bit (blockwise 8-bit states)", _load_bnb,
-             bytes_source="state", cuda_only=True, supports_amsgrad=False),
+             "bitsandbytes", bytes_source="state", supports_amsgrad=False),
 ]
 
 BY_NAME: Dict[str, Provider] = {p.name: p for p in PROVIDERS}
@@ -209,3 +239,18 @@ def load_factory(provider: Provider, cfg: OptimConfig) -> "tuple[Optional[Factor
         return provider.load(cfg), None
     except Exception as exc:  # ImportError, AttributeError, or a library failing at import
         return None, f"{type(exc).__name__}: {exc}"
+
+
+def build(name: str, params: Iterable[Any], cfg: OptimConfig = OptimConfig()) -> torch.optim.Optimizer:
+    """Provider ``name``'s optimizer over ``params`` (tensors or param groups), configured by
+    ``cfg``: the same peers, wired the same way, for code other than the benchmark (the
+    experiments' side-by-side curves). Raises ValueError for an unknown name or a case the
+    provider has no row for; a missing library raises its own ImportError, and a peer that refuses
+    the device raises its own error (NotImplementedError) when built or stepped."""
+    (provider,) = select([name])
+    params = list(params)
+    dtype = next((p.dtype for p in params if isinstance(p, torch.Tensor)), None)
+    reason = provider.unsupported_reason(cfg, dtype)
+    if reason is not None:
+        raise ValueError(f"{name}: {reason}")
+    return provider.load(cfg)(params, cfg)

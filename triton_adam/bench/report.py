@@ -9,10 +9,11 @@ from typing import Any, Dict, List, Optional
 from .console import make_console, make_table
 
 # Keys every result row carries, by status; tests check records against these.
-ROW_KEYS = {"preset", "dtype", "provider", "description", "status"}
+ROW_KEYS = {"preset", "dtype", "provider", "description", "version", "status"}
 OK_KEYS = ROW_KEYS | {
     "median_ms", "min_ms", "max_ms", "host_ms", "repeats", "peak_extra_bytes",
     "bytes_per_step", "bytes_source", "gbps", "fraction_of_copy", "speedup_vs_fused",
+    "speedup_vs_triton_adam", "held_bytes", "held_bytes_per_param",
     "clip", "grad_norm", "step_backend",
 }
 SKIP_KEYS = ROW_KEYS | {"reason"}
@@ -76,7 +77,7 @@ def results_table(record: Dict[str, Any]):
         ("preset", {}), ("dtype", {}), ("provider", {}), ("step ms", {"justify": "right"}),
         ("host ms", {"justify": "right"}), ("GB/s", {"justify": "right"}),
         ("% copy", {"justify": "right"}), ("vs fused", {"justify": "right"}),
-        ("peak extra", {"justify": "right"}), ("note", {}),
+        ("held B/param", {"justify": "right"}), ("peak extra", {"justify": "right"}), ("note", {}),
     ):
         table.add_column(col, **kw)
     for r in record["results"]:
@@ -87,10 +88,11 @@ def results_table(record: Dict[str, Any]):
             table.add_row(
                 r["preset"], r["dtype"], r["provider"], f"{r['median_ms']:.3f}", f"{r['host_ms']:.3f}",
                 _fmt(r["gbps"], ".1f"), _fmt(None if frac is None else 100 * frac, ".0f"),
-                "n/a" if vs is None else f"{vs:.2f}x", _fmt_bytes(r["peak_extra_bytes"]), note,
+                "n/a" if vs is None else f"{vs:.2f}x", _fmt(r.get("held_bytes_per_param"), ".2f"),
+                _fmt_bytes(r["peak_extra_bytes"]), note,
             )
         elif r["status"] == "error":
-            table.add_row(r["preset"], r["dtype"], r["provider"], "-", "-", "-", "-", "-", "-",
+            table.add_row(r["preset"], r["dtype"], r["provider"], "-", "-", "-", "-", "-", "-", "-",
                           f"error: {r['reason']}", style="red")
     return table
 

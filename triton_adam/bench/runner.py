@@ -19,7 +19,10 @@ from . import byte_model, env, presets, timing
 from . import providers as provs
 
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
-SCHEMA_VERSION = 2  # 2: rows carry "clip", "grad_norm", "step_backend"; config "clip"
+# 2: rows carry "clip", "grad_norm", "step_backend"; config "clip".
+# 3: rows carry "version"; measured rows "held_bytes", "held_bytes_per_param",
+#    "speedup_vs_triton_adam".
+SCHEMA_VERSION = 3
 # With --clip, the grads' global norm is at least this many times the max norm (clip factor <= 1/4).
 CLIP_MARGIN = 4.0
 
@@ -142,7 +145,12 @@ def _run_one(provider, factory, shapes, dtype, device, cfg: BenchConfig) -> Dict
         step = provs.make_step(provider, opt, params, cfg.optim)
         t = timing.time_steps(step, device, warmup=max(cfg.warmup, 1), repeats=cfg.repeats,
                               before_each=restore)
+        if any(p.grad is None for p in params):
+            raise RuntimeError("the optimizer set .grad to None in its step: the timed steps "
+                               "after it had no grads to apply")
         nbytes = _step_bytes(provider, opt, params, dtype, cfg.optim)
+        held = byte_model.held_bytes(opt, params)
+        n_params = sum(p.numel() for p in params)
         backend = provs.step_backend(opt)
     finally:
         del opt, params, restore
@@ -160,26 +168,31 @@ def _run_one(provider, factory, shapes, dtype, device, cfg: BenchConfig) -> Dict
         "bytes_per_step": nbytes,
         "bytes_source": provider.bytes_source,
         "gbps": (nbytes / (t.median_ms * 1e-3) / 1e9) if nbytes else None,
+        "held_bytes": held,  # states + master the optimizer keeps (byte_model.held_bytes)
+        "held_bytes_per_param": (held / n_params) if held is not None else None,
         "clip": provs.clip_mode(provider, cfg.optim),
         "grad_norm": grad_norm,  # global norm the clip sees each step (> max norm); None: no clip
         "step_backend": backend,
     }
 
 
+def _case_times(results: List[Dict[str, Any]], provider: str) -> Dict[tuple, float]:
+    """Median step time of ``provider`` per (preset, dtype) case where it was measured."""
+    return {(r["preset"], r["dtype"]): r["median_ms"]
+            for r in results if r["provider"] == provider and r["status"] == "ok"}
+
+
 def _derive(results: List[Dict[str, Any]], copy_gbps: Optional[float]) -> None:
-    """Fraction of copy bandwidth and speed relative to torch fused, within each case."""
-    fused = {
-        (r["preset"], r["dtype"]): r["median_ms"]
-        for r in results
-        if r["provider"] == "fused" and r["status"] == "ok"
-    }
+    """Fraction of copy bandwidth and speed relative to torch fused and to triton-adam, within
+    each case (> 1 means faster than the reference)."""
+    fused, ours = _case_times(results, "fused"), _case_times(results, "triton-adam")
     for r in results:
         if r["status"] != "ok":
             continue
         r["fraction_of_copy"] = (r["gbps"] / copy_gbps) if (r["gbps"] and copy_gbps) else None
-        f = fused.get((r["preset"], r["dtype"]))
-        # > 1 means faster than torch fused.
-        r["speedup_vs_fused"] = (f / r["median_ms"]) if f else None
+        case = (r["preset"], r["dtype"])
+        r["speedup_vs_fused"] = (fused[case] / r["median_ms"]) if case in fused else None
+        r["speedup_vs_triton_adam"] = (ours[case] / r["median_ms"]) if case in ours else None
 
 
 def count_cases(cfg: BenchConfig, device: torch.device) -> int:
@@ -250,13 +263,12 @@ def run_bench(
                 for prov in selected:
                     tick(f"{pname} {dname} {prov.name}")
                     row: Dict[str, Any] = {"preset": pname, "dtype": dname, "provider": prov.name,
-                                           "description": prov.description}
-                    # Import first: "not installed" says more than "needs a CUDA device".
-                    reason, factory = case_reason, None
+                                           "description": prov.description,
+                                           "version": prov.version()}
+                    reason = case_reason or prov.unsupported_reason(cfg.optim, dtype)
+                    factory = None
                     if reason is None:
                         factory, reason = provs.load_factory(prov, cfg.optim)
-                    if reason is None:
-                        reason = prov.unsupported_reason(device, cfg.optim)
                     if reason is not None:
                         row.update(status="skipped", reason=reason)
                     else:
@@ -264,6 +276,8 @@ def run_bench(
                             row.update(_run_one(prov, factory, shapes, dtype, device, cfg))
                         except KeyboardInterrupt:
                             raise
+                        except NotImplementedError as exc:  # the peer refuses this device/dtype
+                            row.update(status="skipped", reason=f"NotImplementedError: {exc}")
                         except Exception as exc:
                             row.update(status="error", reason=f"{type(exc).__name__}: {exc}")
                     results.append(row)
