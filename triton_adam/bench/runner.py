@@ -285,6 +285,8 @@ def run_bench(
         record["interrupted"] = True
     copy = record["copy_bandwidth"]
     _derive(results, copy["gbps"] if copy else None)
+    if hasattr(os, "getloadavg"):  # the start's load is in run_metadata; a busy end shows here
+        record["run"]["load_average_1m_end"] = os.getloadavg()[0]
     record["warnings"] = _load_warnings(device)
     return record
 
