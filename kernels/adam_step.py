@@ -276,16 +276,33 @@ def adam_step_kernel(
                             PARAM_DTYPE, STATE_DTYPE, AMSGRAD, HAS_GRAD_SCALE)
 
 
+def run_or_compile(kernel, grid, warmup, *args, **kwargs):
+    """Launch ``kernel`` over ``grid``; with ``warmup``, only compile it and load it on the device.
+
+    A warm-up with the launch's own arguments compiles the specialisation the launch will look up
+    (constexprs, options, and the alignment and value classes of the arguments), so the launch
+    then finds it compiled. Loading it checks that it fits the device (registers, shared memory).
+    The interpreter has nothing to compile: its warm-up does nothing.
+    """
+    if not warmup:
+        return kernel[grid](*args, **kwargs)
+    compiled = kernel.warmup(*args, grid=grid, **kwargs)
+    init_handles = getattr(compiled, "_init_handles", None)
+    if init_handles is not None:
+        init_handles()
+    return compiled
+
+
 def launch_adam_coefficients(tensor_table, hyper_table, coef_table, found_inf, grad_norm,
-                             n_tensors):
-    """Advance the steps and fill ``coef_table``.
+                             n_tensors, warmup=False):
+    """Advance the steps and fill ``coef_table`` (with ``warmup``, compile only).
 
     ``found_inf`` (skip the step when nonzero) and ``grad_norm`` (clip against each group's
     max_grad_norm) are 0-d float32 device tensors or None.
     """
     grid = (triton.cdiv(n_tensors, COEF_BLOCK),)
-    adam_coefficients_kernel[grid](
-        tensor_table, hyper_table, coef_table,
+    run_or_compile(
+        adam_coefficients_kernel, grid, warmup, tensor_table, hyper_table, coef_table,
         found_inf if found_inf is not None else coef_table,
         grad_norm if grad_norm is not None else coef_table, n_tensors,
         HAS_FOUND_INF=found_inf is not None, HAS_GRAD_NORM=grad_norm is not None,
@@ -295,8 +312,8 @@ def launch_adam_coefficients(tensor_table, hyper_table, coef_table, found_inf, g
 
 
 def launch_adam_step(tensor_table, grad_table, block_map, coef_table, grad_scale, found_inf,
-                     n_blocks, spec, block_size, tile_size, num_warps):
-    """Launch ``adam_step_kernel`` over ``n_blocks`` programs.
+                     n_blocks, spec, block_size, tile_size, num_warps, warmup=False):
+    """Launch ``adam_step_kernel`` over ``n_blocks`` programs (with ``warmup``, compile only).
 
     ``spec`` maps the constexpr names PARAM_DTYPE, GRAD_DTYPE, STATE_DTYPE (triton dtypes),
     AMSGRAD, ALIGNED (bools); ``grad_scale`` and ``found_inf`` are float32
@@ -304,8 +321,8 @@ def launch_adam_step(tensor_table, grad_table, block_map, coef_table, grad_scale
     """
     if n_blocks == 0:
         return
-    adam_step_kernel[(n_blocks,)](
-        tensor_table, grad_table, block_map, coef_table,
+    run_or_compile(
+        adam_step_kernel, (n_blocks,), warmup, tensor_table, grad_table, block_map, coef_table,
         grad_scale if grad_scale is not None else coef_table,
         found_inf if found_inf is not None else coef_table,
         HAS_GRAD_SCALE=grad_scale is not None, HAS_FOUND_INF=found_inf is not None,

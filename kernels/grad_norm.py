@@ -9,7 +9,7 @@ program, folds every partial in a fixed order, so the same grads always give the
 import triton
 import triton.language as tl
 
-from .adam_step import COL_NUMEL, TABLE_WIDTH
+from .adam_step import COL_NUMEL, TABLE_WIDTH, run_or_compile
 
 NORM_INF = 0  # the NORM constexpr: 1, 2, or NORM_INF for max |g|
 FINALIZE_BLOCK = 1024
@@ -123,11 +123,13 @@ def grad_norm_finalize_kernel(
 
 def launch_grad_norm_partials(tensor_table, grad_table, block_map, partials, nonfinite_counts,
                               partial_offset, n_blocks, grad_dtype, norm, aligned, block_size,
-                              tile_size, num_warps):
-    """One launch over ``n_blocks`` programs of one grad dtype (a triton dtype)."""
+                              tile_size, num_warps, warmup=False):
+    """One launch over ``n_blocks`` programs of one grad dtype (a triton dtype); with
+    ``warmup``, compile only."""
     if n_blocks == 0:
         return
-    grad_norm_partials_kernel[(n_blocks,)](
+    run_or_compile(
+        grad_norm_partials_kernel, (n_blocks,), warmup,
         tensor_table, grad_table, block_map, partials, nonfinite_counts, partial_offset,
         GRAD_DTYPE=grad_dtype, NORM=norm, ALIGNED=aligned, BLOCK_SIZE=block_size,
         TILE_SIZE=tile_size, num_warps=num_warps,
@@ -135,9 +137,11 @@ def launch_grad_norm_partials(tensor_table, grad_table, block_map, partials, non
 
 
 def launch_grad_norm_finalize(partials, nonfinite_counts, n_partials, norm_out, nonfinite_out,
-                              norm, found_inf=None, grad_scale=None):
-    """Fold ``n_partials`` partials into ``norm_out`` and ``nonfinite_out`` (0-d float32)."""
-    grad_norm_finalize_kernel[(1,)](
+                              norm, found_inf=None, grad_scale=None, warmup=False):
+    """Fold ``n_partials`` partials into ``norm_out`` and ``nonfinite_out`` (0-d float32); with
+    ``warmup``, compile only."""
+    run_or_compile(
+        grad_norm_finalize_kernel, (1,), warmup,
         partials, nonfinite_counts, n_partials, norm_out, nonfinite_out,
         found_inf if found_inf is not None else norm_out,
         grad_scale if grad_scale is not None else norm_out,

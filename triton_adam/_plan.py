@@ -19,6 +19,7 @@ from ._grad_norm import TritonGradNorm
 from ._tables import (ALIGNED_TILE_SIZE, ALIGNMENT, BLOCK_SIZE, NUM_WARPS, UNALIGNED_TILE_SIZE,
                       build_block_map, on_device, triton_dtype, upload)
 from ._torch_backend import TorchBucket, grad_norm_and_nonfinite
+from ._warmup import compile_plan
 from .kernels import adam_step as K
 
 TRITON_PARAM_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
@@ -274,6 +275,9 @@ class StepPlan:
         self.hyper_tables = {d: HyperTable(d, len(groups)) for d in devices}
         self.members = [m for ms in members_by_key.values() for m in ms]
         self.grad_norm_runner = None
+        # Every kernel this plan can launch is compiled now, before any launch: a compile
+        # failure then leaves params, states and step counts untouched (see _warmup).
+        compile_plan(self, optimizer)
 
     def state_unchanged(self, optimizer) -> bool:
         """True while every member's state dict and state tensors are the ones in the tables."""
@@ -283,6 +287,7 @@ class StepPlan:
 
     def run(self, optimizer, grads_by_group, grad_scale, found_inf):
         """Launch the step: check this step's grads, then (optionally) norm, then update."""
+        compile_plan(self, optimizer)  # only if max_grad_norm / skip_nonfinite were switched
         groups = optimizer.param_groups
         bucket_grads = [_gather_grads(b, grads_by_group)
                         for b in self.triton_buckets + self.torch_buckets]
