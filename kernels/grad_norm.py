@@ -79,6 +79,36 @@ def grad_norm_partials_kernel(
 
 
 @triton.jit
+def _fold_partials(partials, nonfinite_counts, segment_of_partial, n_partials, segment,
+                   NORM: tl.constexpr, SEGMENTED: tl.constexpr, BLOCK: tl.constexpr):
+    """Fold the partials in order (those of ``segment`` only, when SEGMENTED) into one float32
+    total (sum, or max keeping NaN); also whether any partial counted a non-finite element."""
+    lanes = tl.arange(0, BLOCK)
+    acc = tl.zeros((BLOCK,), tl.float32)
+    count = tl.zeros((BLOCK,), tl.int32)
+    for start in range(0, n_partials, BLOCK):
+        in_range = start + lanes < n_partials
+        taken = in_range
+        if SEGMENTED:
+            taken = in_range & (tl.load(segment_of_partial + start + lanes, mask=in_range,
+                                        other=-1) == segment)
+        value = tl.load(partials + start + lanes, mask=taken, other=0.0)
+        if NORM == 0:
+            acc = _max_keeping_nan(acc, value)
+        else:
+            acc = acc + value
+        # an OR of per-block flags: a sum of counts could wrap past 2**31 NaNs
+        block_count = tl.load(nonfinite_counts + start + lanes, mask=in_range, other=0)
+        count = tl.maximum(count, (block_count > 0).to(tl.int32))
+    if NORM == 0:
+        total = tl.max(acc, axis=0)
+        total = tl.where(tl.sum((acc != acc).to(tl.int32), axis=0) > 0, float("nan"), total)
+    else:
+        total = tl.sum(acc, axis=0)
+    return total, tl.max(count, axis=0) > 0
+
+
+@triton.jit
 def grad_norm_finalize_kernel(
     partials, nonfinite_counts, n_partials, norm_out, nonfinite_out, found_inf_ptr,
     grad_scale_ptr,
@@ -91,27 +121,10 @@ def grad_norm_finalize_kernel(
     unscaled grads) and ``nonfinite_out`` (float32 1.0 when any grad element is NaN/inf, or when
     ``found_inf`` is set; else 0.0).
     """
-    lanes = tl.arange(0, BLOCK)
-    acc = tl.zeros((BLOCK,), tl.float32)
-    count = tl.zeros((BLOCK,), tl.int32)
-    for start in range(0, n_partials, BLOCK):
-        in_range = start + lanes < n_partials
-        value = tl.load(partials + start + lanes, mask=in_range, other=0.0)
-        if NORM == 0:
-            acc = _max_keeping_nan(acc, value)
-        else:
-            acc = acc + value
-        # an OR of per-block flags: a sum of counts could wrap past 2**31 NaNs
-        block_count = tl.load(nonfinite_counts + start + lanes, mask=in_range, other=0)
-        count = tl.maximum(count, (block_count > 0).to(tl.int32))
-    if NORM == 0:
-        norm = tl.max(acc, axis=0)
-        norm = tl.where(tl.sum((acc != acc).to(tl.int32), axis=0) > 0, float("nan"), norm)
-    else:
-        norm = tl.sum(acc, axis=0)
+    norm, any_nonfinite = _fold_partials(partials, nonfinite_counts, partials, n_partials, 0,
+                                         NORM, False, BLOCK)
     if NORM == 2:
         norm = tl.sqrt_rn(norm)
-    any_nonfinite = tl.max(count, axis=0) > 0
     if HAS_GRAD_SCALE:
         norm = tl.div_rn(norm, tl.load(grad_scale_ptr))
     flag = any_nonfinite.to(tl.float32)
@@ -119,6 +132,26 @@ def grad_norm_finalize_kernel(
         flag = tl.maximum(flag, (tl.load(found_inf_ptr) != 0).to(tl.float32))
     tl.store(norm_out, norm)
     tl.store(nonfinite_out, flag)
+
+
+@triton.jit
+def grad_norm_segments_kernel(
+    partials, nonfinite_counts, segment_of_partial, n_partials, segment_out, nonfinite_out,
+    NORM: tl.constexpr, BLOCK: tl.constexpr,
+):
+    """Program ``s`` folds, in order, the partials whose segment is ``s`` into ``segment_out[s]``.
+
+    For a distributed step: the per-segment totals (sums of g*g or |g|; the max |g| for
+    NORM_INF) are all-reduced across ranks before the norm is taken, so nothing here is
+    square-rooted or unscaled. Program 0 also writes ``nonfinite_out`` (float32 1.0 when any
+    partial counted a NaN/inf). Reads 12 B per partial per segment.
+    """
+    segment = tl.program_id(0)
+    total, any_nonfinite = _fold_partials(partials, nonfinite_counts, segment_of_partial,
+                                          n_partials, segment, NORM, True, BLOCK)
+    tl.store(segment_out + segment, total)
+    if segment == 0:
+        tl.store(nonfinite_out, any_nonfinite.to(tl.float32))
 
 
 def launch_grad_norm_partials(tensor_table, grad_table, block_map, partials, nonfinite_counts,
@@ -147,4 +180,15 @@ def launch_grad_norm_finalize(partials, nonfinite_counts, n_partials, norm_out, 
         grad_scale if grad_scale is not None else norm_out,
         NORM=norm, HAS_FOUND_INF=found_inf is not None, HAS_GRAD_SCALE=grad_scale is not None,
         BLOCK=FINALIZE_BLOCK, num_warps=4,
+    )
+
+
+def launch_grad_norm_segments(partials, nonfinite_counts, segment_of_partial, n_partials,
+                              segment_out, nonfinite_out, norm, warmup=False):
+    """Fold ``n_partials`` partials into one float32 total per segment (``segment_out``); with
+    ``warmup``, compile only."""
+    run_or_compile(
+        grad_norm_segments_kernel, (segment_out.numel(),), warmup,
+        partials, nonfinite_counts, segment_of_partial, n_partials, segment_out, nonfinite_out,
+        NORM=norm, BLOCK=FINALIZE_BLOCK, num_warps=4,
     )

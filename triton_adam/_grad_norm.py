@@ -67,6 +67,28 @@ class TritonGradNorm:
             return self._run(sources, grad_scale, found_inf, NORM_CODES[float(norm_type)])
 
     def _run(self, sources, grad_scale, found_inf, code):
+        n_partials = self._partials(sources, code)
+        N.launch_grad_norm_finalize(self.partials, self.counts, n_partials, self.norm, self.flag,
+                                    code, found_inf, grad_scale)
+        return self.norm.clone(), self.flag.clone()
+
+    def run_segments(self, sources, segment_of_partial, n_segments, norm_type=2.0):
+        """Per-segment totals before any cross-rank reduction (see ``_distributed``).
+
+        ``segment_of_partial`` is an int32 device tensor giving the segment of every block of
+        the sources, in order. Returns float32 ``[n_segments]`` raw totals (sums of g*g or |g|,
+        max |g| for inf; not square-rooted, not unscaled) and the 0-d non-finite flag.
+        """
+        code = NORM_CODES[float(norm_type)]
+        with on_device(self.norm.device):
+            n_partials = self._partials(sources, code)
+            totals = torch.empty(n_segments, dtype=torch.float32, device=self.norm.device)
+            N.launch_grad_norm_segments(self.partials, self.counts, segment_of_partial,
+                                        n_partials, totals, self.flag, code)
+        return totals, self.flag.clone()
+
+    def _partials(self, sources, code) -> int:
+        """One partial-reduction launch per source; returns the number of partials written."""
         offset = 0
         for source in sources:
             if not isinstance(source, NormSource):
@@ -77,6 +99,4 @@ class TritonGradNorm:
                 BLOCK_SIZE, ALIGNED_TILE_SIZE if source.aligned else UNALIGNED_TILE_SIZE,
                 NUM_WARPS)
             offset += source.n_blocks
-        N.launch_grad_norm_finalize(self.partials, self.counts, offset, self.norm, self.flag,
-                                    code, found_inf, grad_scale)
-        return self.norm.clone(), self.flag.clone()
+        return offset

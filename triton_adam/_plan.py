@@ -14,11 +14,12 @@ import numpy as np
 import torch
 from torch import Tensor
 
-from . import _validation
+from . import _distributed, _validation
+from ._distributed import local
 from ._grad_norm import TritonGradNorm
 from ._tables import (ALIGNED_TILE_SIZE, ALIGNMENT, BLOCK_SIZE, NUM_WARPS, UNALIGNED_TILE_SIZE,
                       build_block_map, on_device, triton_dtype, upload)
-from ._torch_backend import TorchBucket, grad_norm_and_nonfinite
+from ._torch_backend import TorchBucket, grad_norm_and_nonfinite, segment_totals
 from ._warmup import compile_plan
 from .kernels import adam_step as K
 
@@ -52,24 +53,45 @@ def choose_backend(requested: str, device: torch.device, dtype: torch.dtype, wha
 
 @dataclass
 class Member:
-    """One param taking part in the step, with the views the kernels use."""
+    """One param taking part in the step, with the views the kernels use.
+
+    For a DTensor param everything the kernels see (``flat_param``, ``stride``, ``numel``) is
+    its local shard's; ``param`` stays the object the state is keyed on.
+    """
     group_index: int
     position: int
     param: Tensor
-    flat_param: Tensor  # real view of a complex param, else the param
+    flat_param: Tensor  # the local tensor, as a real view if complex
     state: dict
     stride: tuple
     numel: int
     dtype: torch.dtype
-    # the tensors whose addresses the tables hold: kept alive here, and compared by identity each
-    # step so that a replaced state tensor rebuilds the tables instead of being written through
-    # a stale address
+    # the tensors whose addresses the tables hold (state tensors and their local shards): kept
+    # alive here, and compared by identity each step so that a replaced state tensor (or a
+    # DTensor state given a new local shard) rebuilds the tables instead of being written
+    # through a stale address
     state_tensors: tuple = ()
+    segment: int = 0  # the grad-norm segment (see _distributed.NormReduction)
+
+    @classmethod
+    def of(cls, group_index, position, param, state):
+        shard = local(param)
+        flat = torch.view_as_real(shard) if shard.is_complex() else shard
+        return cls(group_index, position, param, flat, state, tuple(shard.stride()),
+                   shard.numel(), param.dtype)
+
+    def keep(self, keys) -> None:
+        """Record the state tensors the tables are about to hold."""
+        self.state_tensors = tuple((key, self.state[key], local(self.state[key])) for key in keys)
 
     def state_unchanged(self, state: dict) -> bool:
-        return all(state.get(key) is tensor for key, tensor in self.state_tensors)
+        return all(state.get(key) is tensor and local(tensor) is shard
+                   for key, tensor, shard in self.state_tensors)
 
-    def flat(self, tensor: Tensor) -> Tensor:
+    @staticmethod
+    def flat(tensor: Tensor) -> Tensor:
+        """The memory of a state tensor (its local shard), as a real view if complex."""
+        tensor = local(tensor)
         return torch.view_as_real(tensor) if tensor.is_complex() else tensor
 
 
@@ -154,21 +176,27 @@ class TritonBucket:
         table = np.zeros((max(n, 1), int(K.TABLE_WIDTH)), dtype=np.int64)
         for row, m in enumerate(members):
             s = m.state
+            table[row, K.COL_STEP] = s["step"].data_ptr()
+            table[row, K.COL_NUMEL] = m.flat_param.numel()
+            table[row, K.COL_GROUP] = m.group_index
+            if m.numel == 0:
+                # An empty tensor or shard (its address may be 0 or odd) advances its step in
+                # the coefficient kernel and takes no block: its addresses are never read.
+                continue
             table[row, K.COL_PARAM] = m.flat_param.data_ptr()
             table[row, K.COL_EXP_AVG] = m.flat(s["exp_avg"]).data_ptr()
             table[row, K.COL_EXP_AVG_SQ] = m.flat(s["exp_avg_sq"]).data_ptr()
             if amsgrad:
                 table[row, K.COL_MAX_EXP_AVG_SQ] = m.flat(s["max_exp_avg_sq"]).data_ptr()
-            table[row, K.COL_STEP] = s["step"].data_ptr()
-            table[row, K.COL_NUMEL] = m.flat_param.numel()
-            table[row, K.COL_GROUP] = m.group_index
         columns = [K.COL_PARAM, K.COL_EXP_AVG, K.COL_EXP_AVG_SQ]
         columns += [K.COL_MAX_EXP_AVG_SQ] if amsgrad else []
         addresses = table[:n, [int(c) for c in columns]]
         self.static_aligned = not (addresses % ALIGNMENT).any()
+        self.nonempty = np.array([m.numel > 0 for m in members], dtype=bool)
         blocks_per_tensor = -(-table[:n, int(K.COL_NUMEL)] // BLOCK_SIZE)
         block_map = build_block_map(blocks_per_tensor)
         self.n_blocks = len(block_map)
+        self.block_tensor = block_map[:, 0]  # host copy: which member each program updates
         self.tensor_table = torch.from_numpy(table).to(device)
         self.block_map = torch.from_numpy(block_map).to(device)
         self.coef_table = torch.empty((max(n, 1), int(K.COEF_WIDTH)), dtype=torch.float32,
@@ -186,6 +214,7 @@ class TritonBucket:
         """Point the grad table at this step's grads (an upload only if they moved)."""
         n = len(self.members)
         ptrs = np.fromiter((g.data_ptr() for g in grads), dtype=np.int64, count=n)
+        ptrs[~self.nonempty] = 0  # an empty grad's address is never read
         if self.grad_ptrs is None or not np.array_equal(ptrs, self.grad_ptrs):
             if self.device.type == "cuda" and torch.cuda.is_current_stream_capturing() \
                     and self.grad_ptrs is not None:
@@ -226,6 +255,9 @@ class StepPlan:
         """``states`` maps each param with a grad to its state dict (new ones not yet stored)."""
         self.signature = signature
         groups = optimizer.param_groups
+        # from every param, not only those with grads: all ranks must agree on the collectives
+        self.norm_reduction = _distributed.NormReduction(
+            p for group in groups for p in group["params"])
         members_by_key: dict = {}
         for gi, (group, grads) in enumerate(zip(groups, grads_by_group)):
             decoupled = bool(group.get("decoupled_weight_decay", False))
@@ -237,15 +269,13 @@ class StepPlan:
                                          _validation.describe(gi, pi, param))
                 state = states[param]
                 _validation.check_state(gi, pi, param, state, amsgrad)
-                flat = torch.view_as_real(param) if param.is_complex() else param
-                member = Member(gi, pi, param, flat, state, tuple(param.stride()),
-                                param.numel(), param.dtype)
+                member = Member.of(gi, pi, param, state)
+                member.segment = self.norm_reduction.segment_index(param)
                 _check_state_layout(member, amsgrad)
-                member.state_tensors = tuple((key, state[key]) for key in
-                                             ("step",) + state_key_names(amsgrad))
+                member.keep(("step",) + state_key_names(amsgrad))
                 # Hyperparameters and the decoupled/maximize flags are per tensor in the Triton
                 # launch; torch's fused kernels take them per call, hence per group.
-                key = (backend, param.device, flat.dtype, amsgrad)
+                key = (backend, param.device, member.flat_param.dtype, amsgrad)
                 if backend == "torch":
                     key = key + (gi, decoupled, maximize)
                 members_by_key.setdefault(key, []).append(member)
@@ -278,6 +308,10 @@ class StepPlan:
         # Every kernel this plan can launch is compiled now, before any launch: a compile
         # failure then leaves params, states and step counts untouched (see _warmup).
         compile_plan(self, optimizer)
+        # where a rank with no grads this step computes (zero) norms and joins the collectives
+        first = next((p for group in groups for p in group["params"]), None)
+        self.device = self.members[0].param.device if self.members else (
+            first.device if first is not None else torch.device("cpu"))
 
     def state_unchanged(self, optimizer) -> bool:
         """True while every member's state dict and state tensors are the ones in the tables."""
@@ -328,6 +362,9 @@ class StepPlan:
         if len(devices) > 1:
             raise ValueError("max_grad_norm / skip_nonfinite need every param with a grad on one "
                              f"device; this step has params on {sorted(map(str, devices))}")
+        if self.norm_reduction.distributed:
+            return self._distributed_grad_norm(bucket_grads, grad_scale, found_inf,
+                                               check_nonfinite)
         if self.torch_buckets or not self.triton_buckets:
             device = next(iter(devices)) if devices else torch.device("cpu")
             return grad_norm_and_nonfinite([g for grads in bucket_grads for g in grads],
@@ -339,6 +376,36 @@ class StepPlan:
                                          _on_device(found_inf, device))
 
 
+    def _distributed_grad_norm(self, bucket_grads, grad_scale, found_inf, check_nonfinite):
+        """The norm over every rank's shards: local per-segment totals, then the all-reduces.
+
+        Runs on every rank at every step, also with no grads or only empty shards here, so
+        that all ranks join the same collectives.
+        """
+        reduction = self.norm_reduction
+        n_segments = len(reduction.segments)
+        if self.triton_buckets and not self.torch_buckets:
+            if self.grad_norm_runner is None:
+                self.grad_norm_runner = TritonGradNorm(self.triton_buckets)
+                of_partial = [np.array([m.segment for m in b.members],
+                                       dtype=np.int32)[b.block_tensor]
+                              for b in self.triton_buckets]
+                self.segment_of_partial = torch.from_numpy(
+                    np.concatenate(of_partial + [np.zeros(1, np.int32)])).to(self.device)
+            totals, flag = self.grad_norm_runner.run_segments(
+                self.triton_buckets, self.segment_of_partial, n_segments)
+        else:
+            members = [m for b in self.triton_buckets + self.torch_buckets for m in b.members]
+            grads = [g for grads in bucket_grads for g in grads]
+            totals, flag = segment_totals(grads, [m.segment for m in members], n_segments,
+                                          self.device, check_nonfinite)
+        total, flag = reduction.reduce(totals, flag, 2.0)
+        norm = _distributed.finish_norm(total, 2.0, grad_scale)
+        if found_inf is not None:
+            flag = torch.maximum(flag, (found_inf.to(flag.device) != 0).to(torch.float32))
+        return norm, flag
+
+
 def _on_device(tensor, device):
     if tensor is None:
         return None
@@ -347,15 +414,21 @@ def _on_device(tensor, device):
 
 
 def _gather_grads(bucket, grads_by_group) -> list:
-    """This step's grads for the bucket's members, checked before anything is launched."""
+    """This step's grads (local shards) for the bucket's members, checked before any launch."""
     grads = []
     for member, (gi, pi) in zip(bucket.members, bucket.index):
         grad = grads_by_group[gi][pi]
         if (grad.layout is not torch.strided or grad.dtype is not member.dtype
-                or grad.numel() != member.numel or grad.device != member.param.device):
+                or grad.device != member.param.device):
             _validation.check_grad(gi, pi, member.param, grad)
             raise ValueError(f"{_validation.describe(gi, pi, member.param)}: unusable grad "
                              f"{grad.layout}, {grad.dtype}, {tuple(grad.shape)}, {grad.device}")
+        grad = _distributed.local_grad(_validation.describe(gi, pi, member.param),
+                                       member.param, grad)
+        if grad.numel() != member.numel:
+            _validation.check_grad(gi, pi, member.param, grad)
+            raise ValueError(f"{_validation.describe(gi, pi, member.param)}: its grad's local "
+                             f"shard has {grad.numel()} elements, the param's {member.numel}")
         grads.append(_kernel_grad(member, grad))
     return grads
 
@@ -365,13 +438,17 @@ def _kernel_grad(member: Member, grad: Tensor) -> Tensor:
     if member.dtype.is_complex and grad.is_conj():
         grad = grad.resolve_conj()  # the kernels read memory; a lazy conjugate is not in it
     if grad.stride() != member.stride and member.numel > 1:
-        grad = torch.empty_like(member.param).copy_(grad)
+        grad = torch.empty_like(local(member.param)).copy_(grad)
     return grad
 
 
 def _check_state_layout(member: Member, amsgrad: bool) -> None:
     """Give loaded state tensors their param's strides (a value-preserving fix-up)."""
+    what = _validation.describe(member.group_index, member.position, member.param)
     for key in state_key_names(amsgrad):
         value = member.state[key]
-        if value.stride() != member.stride and member.numel > 1:
-            member.state[key] = torch.empty_like(member.param).copy_(value)
+        _distributed.check_local_layout(what, key, member.param, value)
+        if local(value).stride() != member.stride and member.numel > 1:
+            value = _distributed.zeros_like(member.param)
+            local(value).copy_(local(member.state[key]))
+            member.state[key] = value

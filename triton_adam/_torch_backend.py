@@ -26,9 +26,11 @@ class TorchBucket:
         self.index = [(m.group_index, m.position) for m in members]
         self.decoupled, self.amsgrad, self.maximize = decoupled, amsgrad, maximize
         self.params = [m.flat_param for m in members]
-        self.exp_avgs = [_flat(m.state["exp_avg"]) for m in members]
-        self.exp_avg_sqs = [_flat(m.state["exp_avg_sq"]) for m in members]
-        self.max_exp_avg_sqs = ([_flat(m.state["max_exp_avg_sq"]) for m in members]
+        # the local shards of DTensor states: torch's fused ops are pointwise, so stepping the
+        # shards gives what torch's DTensor dispatch would, without its per-tensor cost
+        self.exp_avgs = [m.flat(m.state["exp_avg"]) for m in members]
+        self.exp_avg_sqs = [m.flat(m.state["exp_avg_sq"]) for m in members]
+        self.max_exp_avg_sqs = ([m.flat(m.state["max_exp_avg_sq"]) for m in members]
                                 if amsgrad else [])
         self.steps = [m.state["step"] for m in members]
 
@@ -146,3 +148,25 @@ def grad_norm_and_nonfinite(grads, grad_scale, found_inf, device, check_nonfinit
     if found_inf is not None:
         flag = torch.maximum(flag, (found_inf.to(device) != 0).to(torch.float32))
     return norm, flag
+
+
+def segment_totals(grads, segments, n_segments, device, check_nonfinite=True, norm_type=2.0):
+    """Per-segment totals of the grads' elements (float32 ``[n_segments]``: sums of |g|**p, max
+    |g| for inf) and a non-finite flag (0-d float32), with torch ops, for the cross-rank
+    reduction of ``_distributed``."""
+    totals = torch.zeros(n_segments, dtype=torch.float32, device=device)
+    flag = torch.zeros((), dtype=torch.float32, device=device)
+    if grads:
+        flat = [_flat(g) for g in grads]
+        norms = torch._foreach_norm([g.float() if g.dtype == torch.float64 else g for g in flat],
+                                    norm_type)
+        norms = torch.stack([n.to(device=device, dtype=torch.float32) for n in norms])
+        index = torch.tensor(segments, dtype=torch.int64, device=device)
+        if norm_type == float("inf"):
+            totals.scatter_reduce_(0, index, norms, "amax")
+        else:
+            totals.index_add_(0, index, norms.pow(norm_type))
+        if check_nonfinite:
+            flag = torch.stack([(~torch.isfinite(g)).any().to(device) for g in flat]).any()
+            flag = flag.to(torch.float32)
+    return totals, flag

@@ -5,7 +5,11 @@ failed ``step()`` leaves params and state exactly as they were.
 """
 from __future__ import annotations
 
+import sys
+
 from torch import Tensor
+
+from . import _distributed
 
 
 def _as_number(value):
@@ -51,7 +55,10 @@ def check_formulation(eps_mode, weight_decay_mode):
 
 def describe(group_index: int, position: int, param: Tensor) -> str:
     """'param 3 of group 0 (shape (37, 51), torch.float32, cuda:0)' for error messages."""
-    return (f"param {position} of group {group_index} (shape {tuple(param.shape)}, "
+    shard = ""
+    if _distributed.is_dtensor(param):
+        shard = f", local shard {tuple(param._local_tensor.shape)} of {param.placements}"
+    return (f"param {position} of group {group_index} (shape {tuple(param.shape)}{shard}, "
             f"{param.dtype}, {param.device})")
 
 
@@ -72,9 +79,11 @@ def check_param(group_index: int, position: int, param: Tensor) -> None:
     if not (param.is_floating_point() or param.is_complex()):
         raise TypeError(f"{describe(group_index, position, param)}: Adam needs floating-point "
                         "or complex params")
-    if param.numel() > 1 and not is_dense(param):
+    _distributed.check_param(describe(group_index, position, param), param)
+    memory = _distributed.local(param)
+    if memory.numel() > 1 and not is_dense(memory):
         raise ValueError(
-            f"{describe(group_index, position, param)} with strides {param.stride()} is not "
+            f"{describe(group_index, position, param)} with strides {memory.stride()} is not "
             "dense in memory (a strided or overlapping view): triton-adam updates each param "
             "as one flat run of memory; make it a contiguous leaf tensor")
 
@@ -130,3 +139,52 @@ def check_no_overlap(tensors, names) -> None:
         if start < end:
             raise ValueError(f"{name} and {other} share memory: the optimizer would update that "
                              "memory twice; give each parameter its own storage")
+
+
+def _refcount_in_loop(items, counts):
+    # every object is counted from the same bytecode, so the interpreter's own temporary
+    # references (which differ between Python versions) are the same for all of them
+    for item in items:
+        counts.append(sys.getrefcount(item))
+
+
+def check_reachable(optimizer, grads_by_group) -> None:
+    """Raise for a param without a grad that nothing but the optimizer references any more.
+
+    Such a param was replaced by a new Parameter object (``load_state_dict(assign=True)``,
+    FSDP2's ``reset_sharded_param``, model surgery): the model trains the new object, and this
+    optimizer would silently never update it again. CPython only (reference counts); params
+    with grads are not checked (something produced their grads).
+    """
+    if not hasattr(sys, "getrefcount"):
+        return
+    candidates = [(gi, pi, p) for gi, (group, grads) in enumerate(zip(optimizer.param_groups,
+                                                                      grads_by_group))
+                  for pi, (p, g) in enumerate(zip(group["params"], grads)) if g is None]
+    if not candidates:
+        return
+    probe = object()
+    params = [p for _, _, p in candidates]
+    counts = []
+    _refcount_in_loop([probe] + params, counts)
+    # the probe is held by its local name and the list looped over; each param by that list,
+    # ``params`` and its candidate tuple, and by the optimizer: its groups' lists, its state,
+    # plans kept for graphs
+    baseline = counts[0] - 2
+    held = {}
+    for group in optimizer.param_groups:
+        for p in group["params"]:
+            held[id(p)] = held.get(id(p), 0) + 1
+    for p in optimizer.state:
+        held[id(p)] = held.get(id(p), 0) + 1
+    for plan in getattr(optimizer, "_captured_plans", ()):
+        for member in plan.members:
+            held[id(member.param)] = held.get(id(member.param), 0) + 1
+    for (gi, pi, p), count in zip(candidates, counts[1:]):
+        if count - baseline - 3 - held.get(id(p), 0) <= 0:
+            raise RuntimeError(
+                f"{describe(gi, pi, p)} has no grad and is referenced only by this optimizer: "
+                "it was replaced by another Parameter object (e.g. by "
+                "load_state_dict(assign=True) or FSDP2's reset_sharded_param), which the model "
+                "now trains and this optimizer does not hold. Build the optimizer again on "
+                "model.parameters() (and load its state_dict) after replacing params")

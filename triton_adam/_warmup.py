@@ -103,8 +103,13 @@ def _compile_grad_norm(plan) -> None:
                     ALIGNED_TILE_SIZE if aligned else UNALIGNED_TILE_SIZE, NUM_WARPS,
                     warmup=True)
             offset += bucket.n_blocks
-        norm_reduction = getattr(plan, "norm_reduction", None)
-        if norm_reduction is not None and norm_reduction.distributed:
+        if plan.norm_reduction.distributed:
+            # partials folded per segment, then all-reduced (StepPlan._distributed_grad_norm)
+            segments = torch.zeros(max(n_partials, 1), dtype=torch.int32, device=device)
+            totals = torch.empty(len(plan.norm_reduction.segments), dtype=torch.float32,
+                                 device=device)
+            N.launch_grad_norm_segments(partials, counts, segments, n_partials, totals, out,
+                                        code, warmup=True)
             return
         for has_scale, has_inf in AMP_MODES:
             N.launch_grad_norm_finalize(partials, counts, n_partials, out, out, code,

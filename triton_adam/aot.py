@@ -52,6 +52,11 @@ def grad_norm_finalize_specs():
                    BLOCK=grad_norm.FINALIZE_BLOCK)
 
 
+def grad_norm_segments_specs():
+    for norm in NORMS.values():
+        yield dict(NORM=norm, BLOCK=grad_norm.FINALIZE_BLOCK)
+
+
 def _parse_target(target: str) -> int:
     match = re.fullmatch(r"sm_?(\d+)a?", target)
     if not match:
@@ -110,6 +115,9 @@ PARTIALS_SIGNATURE = {"tensor_table": "*i64", "grad_table": "*i64", "block_map":
 FINALIZE_SIGNATURE = {"partials": "*fp32", "nonfinite_counts": "*i32", "n_partials": "i32",
                       "norm_out": "*fp32", "nonfinite_out": "*fp32", "found_inf_ptr": "*fp32",
                       "grad_scale_ptr": "*fp32"}
+SEGMENTS_SIGNATURE = {"partials": "*fp32", "nonfinite_counts": "*i32",
+                      "segment_of_partial": "*i32", "n_partials": "i32", "segment_out": "*fp32",
+                      "nonfinite_out": "*fp32"}
 
 
 def compile_all(target: str = "sm_90") -> list[dict]:
@@ -128,6 +136,8 @@ def compile_all(target: str = "sm_90") -> list[dict]:
               PARTIALS_SIGNATURE, s, NUM_WARPS) for s in grad_norm_partials_specs()]
     jobs += [("grad_norm_finalize_kernel", grad_norm.grad_norm_finalize_kernel,
               FINALIZE_SIGNATURE, s, 4) for s in grad_norm_finalize_specs()]
+    jobs += [("grad_norm_segments_kernel", grad_norm.grad_norm_segments_kernel,
+              SEGMENTS_SIGNATURE, s, 4) for s in grad_norm_segments_specs()]
     reports = []
     for name, fn, signature, spec, num_warps in jobs:
         compiled = _compile(fn, signature, spec, arch, num_warps)

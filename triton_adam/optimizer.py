@@ -4,7 +4,8 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from . import _validation
+from . import _distributed, _validation
+from ._distributed import local
 from ._plan import StepPlan, interpreter_enabled, state_key_names
 
 BACKENDS = ("auto", "triton", "torch")
@@ -130,6 +131,9 @@ class _FusedAdamBase(torch.optim.Optimizer):
     def load_state_dict(self, state_dict: dict) -> None:
         """Load a state dict saved by this class or by torch.optim.Adam/AdamW (any device)."""
         super().load_state_dict(state_dict)
+        for group in self.param_groups:
+            # a state dict that went through a broadcast or JSON holds betas as a list
+            group["betas"] = tuple(map(_validation.to_scalar, group["betas"]))
         self._normalize_steps()
         self._invalidate_plan()
 
@@ -170,10 +174,13 @@ class _FusedAdamBase(torch.optim.Optimizer):
         return True
 
     def _signature(self, grads_by_group):
+        # local addresses: a DTensor's data_ptr() is 0, its local shard's is where it lives (and
+        # moves when FSDP2 or a checkpoint load swaps the shard)
         return (self._layout_version, tuple(
             (bool(group["amsgrad"]), bool(group["maximize"]),
              bool(group.get("decoupled_weight_decay", False)),
-             tuple(p.data_ptr() if g is not None else -1 for p, g in zip(group["params"], grads)))
+             tuple(local(p).data_ptr() if g is not None else -1
+                   for p, g in zip(group["params"], grads)))
             for group, grads in zip(self.param_groups, grads_by_group)))
 
     def _build_plan(self, grads_by_group, signature) -> StepPlan:
@@ -181,6 +188,8 @@ class _FusedAdamBase(torch.optim.Optimizer):
 
         New state is stored only once the plan is built, so a refused step leaves no trace.
         """
+        # first, while no local name of ours holds a param
+        _validation.check_reachable(self, grads_by_group)
         for gi, (group, grads) in enumerate(zip(self.param_groups, grads_by_group)):
             for pi, (param, grad) in enumerate(zip(group["params"], grads)):
                 _validation.check_param(gi, pi, param)
@@ -188,8 +197,8 @@ class _FusedAdamBase(torch.optim.Optimizer):
                     _validation.check_grad(gi, pi, param, grad)
         self._normalize_steps()
         states, new_states = {}, {}
-        for group, grads in zip(self.param_groups, grads_by_group):
-            for param, grad in zip(group["params"], grads):
+        for gi, (group, grads) in enumerate(zip(self.param_groups, grads_by_group)):
+            for pi, (param, grad) in enumerate(zip(group["params"], grads)):
                 if grad is None:
                     continue
                 state = self.state.get(param)
@@ -198,8 +207,10 @@ class _FusedAdamBase(torch.optim.Optimizer):
                 elif group["amsgrad"] and "max_exp_avg_sq" not in state:
                     # amsgrad switched on mid-training: start its maximum from zero.
                     state = new_states[param] = dict(
-                        state, max_exp_avg_sq=torch.zeros_like(
-                            param, memory_format=torch.preserve_format))
+                        state, max_exp_avg_sq=_distributed.zeros_like(param))
+                adopted = _adopt_loaded_state(gi, pi, param, state)
+                if adopted is not state:
+                    state = new_states[param] = adopted
                 states[param] = state
         plan = StepPlan(self, grads_by_group, states, signature)
         for param, state in new_states.items():
@@ -235,10 +246,24 @@ class _FusedAdamBase(torch.optim.Optimizer):
 
 
 def _initial_state(param: Tensor, amsgrad: bool) -> dict:
+    # step is a plain 0-d tensor also for DTensor params, as torch keeps it
     state = {"step": torch.zeros((), dtype=torch.float32, device=param.device)}
     for key in state_key_names(amsgrad):
-        state[key] = torch.zeros_like(param, memory_format=torch.preserve_format)
+        state[key] = _distributed.zeros_like(param)
     return state
+
+
+def _adopt_loaded_state(group_index: int, position: int, param: Tensor, state: dict) -> dict:
+    """The state with its tensors in the form kept for ``param`` (DTensor states for DTensor
+    params): the same dict when nothing changes, else a new one (stored once the plan is built).
+    """
+    what = _validation.describe(group_index, position, param)
+    adopted = {key: (_distributed.adopt_state(what, key, param, value)
+                     if key != "step" and isinstance(value, Tensor) else value)
+               for key, value in state.items()}
+    if all(adopted[key] is state[key] for key in state):
+        return state
+    return adopted
 
 
 class Adam(_FusedAdamBase):

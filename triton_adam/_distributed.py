@@ -1,0 +1,209 @@
+"""DTensor params (FSDP2, HSDP, tensor parallel) and the collectives of a distributed step.
+
+The kernels update memory, so a DTensor param is stepped through its local shard: addresses, numel
+and strides come from ``param._local_tensor`` (a plain attribute read, no DTensor dispatch), never
+from the global metadata. State tensors are DTensors with the param's mesh and placements, so
+torch's distributed state-dict helpers and DCP see them as torch's own optimizers make them.
+
+The grad norm of a sharded model is a sum over shards: each rank reduces its local shards into one
+partial sum per *segment* (params sharing a mesh and the set of mesh dims they are sharded over),
+then one all-reduce per mesh dimension adds the partials of the segments sharded over that dim
+(replicated dims are counted once), and a non-finite count rides along in every all-reduce so that
+all ranks decide the same skip. Every rank joins every all-reduce, shards or grads or not, because
+the segments come from all of the optimizer's params, not from those with grads this step.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from torch import Tensor
+
+try:  # torch built without distributed support has no DTensor
+    from torch.distributed.tensor import DTensor, distribute_tensor
+except ImportError:  # pragma: no cover
+    DTensor = None
+
+
+def is_dtensor(tensor) -> bool:
+    """True for a ``torch.distributed.tensor.DTensor`` (an FSDP2/TP param, grad or state)."""
+    return DTensor is not None and isinstance(tensor, DTensor)
+
+
+def local(tensor: Tensor) -> Tensor:
+    """The memory the kernels update: a DTensor's local shard, a plain tensor itself."""
+    if DTensor is not None and isinstance(tensor, DTensor):
+        return tensor._local_tensor
+    return tensor
+
+
+def check_param(what: str, param: Tensor) -> None:
+    """Refuse DTensor params whose local shards do not add up to the param (Partial)."""
+    if is_dtensor(param) and any(p.is_partial() for p in param.placements):
+        raise ValueError(f"{what} has placements {param.placements}: a Partial param is not a "
+                         "tensor the optimizer can update shard by shard; redistribute it to "
+                         "Shard/Replicate placements")
+
+
+def local_grad(what: str, param: Tensor, grad: Tensor) -> Tensor:
+    """The grad's local shard laid out as the param's, redistributing it when needed.
+
+    A grad whose placements differ from its param's (e.g. a ``Partial`` grad of a replicated
+    param under sequence parallel) is redistributed first, as torch's DTensor dispatch does;
+    stepping its raw local tensor would make replicas drift apart.
+    """
+    if not is_dtensor(param):
+        if is_dtensor(grad):
+            raise TypeError(f"{what} is a plain tensor but its grad is a DTensor")
+        return grad
+    if not is_dtensor(grad):
+        raise TypeError(f"{what} is a DTensor but its grad is a plain tensor")
+    param_spec, grad_spec = param._spec, grad._spec
+    if grad_spec.mesh != param_spec.mesh:
+        raise ValueError(f"{what}: its grad lives on mesh {grad_spec.mesh}, the param on "
+                         f"{param_spec.mesh}")
+    if grad_spec.placements != param_spec.placements:
+        grad = grad.redistribute(param_spec.mesh, param_spec.placements)
+    return grad._local_tensor
+
+
+def zeros_like(param: Tensor) -> Tensor:
+    """Zero state for ``param``: a DTensor with its mesh and placements for a DTensor param."""
+    if not is_dtensor(param):
+        return torch.zeros_like(param, memory_format=torch.preserve_format)
+    shard = torch.zeros_like(param._local_tensor, memory_format=torch.preserve_format)
+    return DTensor.from_local(shard, param.device_mesh, param.placements, run_check=False,
+                              shape=param.shape, stride=param.stride())
+
+
+def adopt_state(what: str, key: str, param: Tensor, value: Tensor) -> Tensor:
+    """A loaded state tensor in the form the optimizer keeps for ``param`` (value-preserving).
+
+    For a DTensor param, a plain tensor of the global shape (a full checkpoint loaded by hand)
+    becomes a DTensor holding this rank's shard of it; a DTensor with other placements is
+    redistributed. Anything else is returned as it is and checked by ``_validation``.
+    """
+    if not is_dtensor(param):
+        if is_dtensor(value):
+            raise TypeError(f"{what}: state '{key}' is a DTensor but the param is a plain tensor")
+        return value
+    if not is_dtensor(value):
+        if value.shape != param.shape:
+            return value  # refused with the shapes by _validation.check_state
+        value = value.to(device=param.device, dtype=param.dtype)
+        # src_data_rank=None: every rank holds the full tensor and keeps its own shard (no
+        # collective); the sharding rule is DTensor's own, uneven and strided shards included.
+        return distribute_tensor(value.detach(), param.device_mesh, param.placements,
+                                 src_data_rank=None)
+    if value.device_mesh != param.device_mesh or value.placements != param.placements:
+        value = value.redistribute(param.device_mesh, param.placements)
+    return value
+
+
+def check_local_layout(what: str, key: str, param: Tensor, value: Tensor) -> None:
+    """Raise if a DTensor state's local shard does not match the param's local shard."""
+    if is_dtensor(param) and local(value).shape != param._local_tensor.shape:
+        raise ValueError(f"{what}: state '{key}' has a local shard of shape "
+                         f"{tuple(local(value).shape)}, the param's is "
+                         f"{tuple(param._local_tensor.shape)}")
+
+
+@dataclass(frozen=True)
+class Segment:
+    """Params whose squared-grad sums add up over the same mesh dims."""
+    mesh: object  # a DeviceMesh, or None for plain tensors (their grads are whole on every rank)
+    sharded_dims: tuple
+
+
+def segment_of(param: Tensor) -> Segment:
+    if not is_dtensor(param):
+        return Segment(None, ())
+    # Shard and _StridedShard (FSDP over tensor parallel) split the elements; the latter is
+    # not a Shard to is_shard(), so test for what is not split
+    dims = tuple(d for d, p in enumerate(param.placements)
+                 if not (p.is_replicate() or p.is_partial()))
+    return Segment(param.device_mesh, dims)
+
+
+class NormReduction:
+    """Cross-rank reduction of per-segment grad-norm partials: one all-reduce per mesh dim.
+
+    Built from every param of the optimizer (the same on every rank), so all ranks issue the
+    same collectives in the same order.
+    """
+
+    def __init__(self, params):
+        self.segments: list[Segment] = []
+        self.index: dict[Segment, int] = {}
+        for param in params:
+            segment = segment_of(param)
+            if segment not in self.index:
+                self.index[segment] = len(self.segments)
+                self.segments.append(segment)
+        meshes = []
+        for segment in self.segments:
+            if segment.mesh is not None and segment.mesh not in meshes:
+                meshes.append(segment.mesh)
+        # (process group, mask of the segments summed over it), one per distinct group: a
+        # submesh's dim (FSDP's dp mesh beside the 2-D dp x tp mesh) shares its parent's group,
+        # so it adds no collective. Sums over different groups commute, so the order is free
+        # (but the same on every rank). The last mask entry is the non-finite count, reduced
+        # over every group so every rank sees all of it.
+        masks = {}
+        for mesh in meshes:
+            for dim in range(mesh.ndim):
+                mask = masks.setdefault(mesh.get_group(dim), [False] * len(self.segments))
+                for i, s in enumerate(self.segments):
+                    mask[i] = mask[i] or (s.mesh == mesh and dim in s.sharded_dims)
+        self.steps = [(group, mask + [True]) for group, mask in masks.items()]
+        self._masks = {}
+
+    @property
+    def distributed(self) -> bool:
+        return bool(self.steps)
+
+    def segment_index(self, param: Tensor) -> int:
+        return self.index[segment_of(param)]
+
+    def reduce(self, partials: Tensor, nonfinite: Tensor, norm_type: float):
+        """All-reduce ``partials`` (float32 ``[n_segments]``: sums of |g|**p, or max |g| for
+        inf) and the non-finite flag across ranks; return (total 0-d, flag 0-d), on the device.
+
+        No host synchronisation: the collectives are issued on the device's stream.
+        """
+        is_max = norm_type == float("inf")
+        payload = torch.cat([partials.to(torch.float32), nonfinite.reshape(1).to(torch.float32)])
+        op = torch.distributed.ReduceOp.MAX if is_max else torch.distributed.ReduceOp.SUM
+        for group, mask in self.steps:
+            mask = self._mask(mask, payload.device)
+            # segments not sharded over this dim: zeros (or -inf-free zeros for MAX, as every
+            # partial is >= 0) go in, their own values are kept
+            reduced = torch.where(mask, payload, torch.zeros_like(payload))
+            torch.distributed.all_reduce(reduced, op=op, group=group)
+            payload = torch.where(mask, reduced, payload)
+        sums, flag = payload[:-1], payload[-1]
+        if is_max:
+            total = sums.max() if len(sums) else sums.new_zeros(())
+            total = torch.where(sums.isnan().any(), float("nan"), total) if len(sums) else total
+        else:
+            total = sums.sum()
+        return total, (flag != 0).to(torch.float32)
+
+    def _mask(self, mask, device):
+        key = (tuple(mask), device)
+        if key not in self._masks:
+            self._masks[key] = torch.tensor(mask, dtype=torch.bool, device=device)
+        return self._masks[key]
+
+
+def finish_norm(total: Tensor, norm_type: float, grad_scale=None) -> Tensor:
+    """The norm from a reduced total (a sum of |g|**p, or the max), unscaled by ``grad_scale``."""
+    if norm_type == 2.0:
+        norm = total.sqrt()
+    elif norm_type in (1.0, float("inf")):
+        norm = total
+    else:
+        norm = total.pow(1.0 / norm_type)
+    if grad_scale is not None:
+        norm = norm / grad_scale.to(norm.device)
+    return norm
