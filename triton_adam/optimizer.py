@@ -4,7 +4,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from . import _distributed, _validation
+from . import _compile, _distributed, _validation
 from ._distributed import local
 from ._plan import StepPlan, interpreter_enabled, state_key_names
 
@@ -91,6 +91,9 @@ class _FusedAdamBase(torch.optim.Optimizer):
         super().__init__(params, defaults)
         # GradScaler hands us grad_scale/found_inf instead of unscaling and syncing itself.
         self._step_supports_amp_scaling = True
+
+    # dynamo runs an optimizer's _init_group eagerly while tracing step() (see _compile)
+    _init_group = _compile.init_group
 
     def add_param_group(self, param_group: dict) -> None:
         """Add a param group after checking its hyperparameters and params (see torch)."""
@@ -224,6 +227,9 @@ class _FusedAdamBase(torch.optim.Optimizer):
         Args:
             closure (callable, optional): re-evaluates the model and returns the loss.
         """
+        if torch.compiler.is_compiling():
+            # the whole step as one opaque custom op in the graph (see _compile)
+            return _compile.compiled_step(self, closure)
         loss = None
         if closure is not None:
             with torch.enable_grad():

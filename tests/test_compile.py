@@ -1,0 +1,205 @@
+"""torch.compile: the step is one opaque custom op in the graph, on both backends.
+
+The Triton backend runs here through the interpreter (CPU tensors), the torch fallback through
+torch's fused kernels; both are compiled with aot_eager (functionalization: the op runs on copies
+that are copied back) and inductor (C++ on the CPU; the op runs on the optimizer's own tensors).
+"""
+import copy
+
+import pytest
+import torch
+
+import triton_adam
+from triton_adam import _compile, _plan
+from conftest import backends_on
+
+OPT_BACKENDS = backends_on("cpu")
+COMPILERS = ["aot_eager", "inductor"]
+
+
+@pytest.fixture(autouse=True)
+def fresh_dynamo():
+    torch._dynamo.reset()
+    yield
+    torch._dynamo.reset()
+
+
+def _model():
+    model = torch.nn.Sequential(torch.nn.Linear(6, 5), torch.nn.Tanh(), torch.nn.Linear(5, 3))
+    extra = torch.nn.Parameter(torch.randn(7).to(torch.bfloat16))
+    return model, extra
+
+
+def _groups(model, extra):
+    # two groups with their own lr and flags, one of them amsgrad with a bfloat16 param: one
+    # op call must still give each tensor its group's hyperparameters
+    return [{"params": list(model[0].parameters())},
+            {"params": list(model[2].parameters()) + [extra], "lr": 3e-3, "amsgrad": True}]
+
+
+def _backward(model, extra, seed):
+    x = torch.randn(4, 6, generator=torch.Generator().manual_seed(seed))
+    loss = model(x).square().mean() + extra.float().square().sum()
+    loss.backward()
+    return loss
+
+
+def _assert_same(opt_a, opt_b, params_a, params_b, exact=True):
+    """Same params and states: bit for bit, or (``exact=False``) to float32 rounding."""
+    tolerance = {} if not exact else dict(rtol=0, atol=0)
+    for a, b in zip(params_a, params_b):
+        torch.testing.assert_close(a.detach(), b.detach(), **tolerance)
+        for key, value in opt_a.state[a].items():
+            torch.testing.assert_close(value, opt_b.state[b][key], msg=key, **tolerance)
+
+
+@pytest.mark.parametrize("compiler", COMPILERS)
+@pytest.mark.parametrize("backend", OPT_BACKENDS)
+@pytest.mark.parametrize("options", [{}, {"max_grad_norm": 0.05, "skip_nonfinite": True}],
+                         ids=["plain", "clip+skip"])
+def test_compiled_step_fullgraph_matches_eager(backend, compiler, options):
+    model, extra = _model()
+    eager_model, eager_extra = copy.deepcopy(model), copy.deepcopy(extra)
+    opt = triton_adam.AdamW(_groups(model, extra), lr=1e-2, backend=backend, **options)
+    eager = triton_adam.AdamW(_groups(eager_model, eager_extra), lr=1e-2, backend=backend,
+                              **options)
+    compiled_step = torch.compile(opt.step, backend=compiler, fullgraph=True)
+    params = list(model.parameters()) + [extra]
+    eager_params = list(eager_model.parameters()) + [eager_extra]
+    with torch._dynamo.config.patch(error_on_recompile=True):  # one graph serves every step
+        for step in range(3):
+            _backward(model, extra, step)
+            _backward(eager_model, eager_extra, step)
+            if step == 1 and options.get("skip_nonfinite"):
+                extra.grad[0] = eager_extra.grad[0] = float("nan")
+            compiled_step()
+            eager.step()
+            _assert_same(opt, eager, params, eager_params)
+            if options:
+                torch.testing.assert_close(opt.last_grad_norm, eager.last_grad_norm, rtol=0,
+                                           atol=0, equal_nan=True)
+                assert opt.last_step_skipped.item() == eager.last_step_skipped.item() == (
+                    step == 1)
+            opt.zero_grad()
+            eager.zero_grad()
+    assert opt.state[params[0]]["step"].item() == (2.0 if options else 3.0)
+
+
+@pytest.mark.parametrize("compiler", COMPILERS)
+@pytest.mark.parametrize("backend", OPT_BACKENDS)
+def test_compiled_train_step_has_the_step_in_its_graph(backend, compiler):
+    """forward, backward, step: dynamo breaks the graph only at ``backward()`` (which it does
+    not trace, whatever the optimizer); the step, and what reads the params after it, is one
+    graph with one call of the custom op."""
+    model, extra = _model()
+    eager_model, eager_extra = copy.deepcopy(model), copy.deepcopy(extra)
+    opt = triton_adam.AdamW(_groups(model, extra), lr=1e-2, backend=backend)
+    eager = triton_adam.AdamW(_groups(eager_model, eager_extra), lr=1e-2, backend=backend)
+    graphs = []
+
+    def counting(gm, example_inputs):
+        graphs.append(gm)
+        return torch._dynamo.backends.registry.lookup_backend(compiler)(gm, example_inputs)
+
+    def train_step(model, extra, opt, seed):
+        loss = _backward(model, extra, seed)
+        opt.step()
+        # read after the step: must see the updated params (the op names them as mutated).
+        # (Not a clone: torch 2.13's inductor returns the input itself for a clone of an input
+        # a custom op mutated, which would then follow later steps.)
+        return loss, model[0].weight * 2
+
+    compiled = torch.compile(train_step, backend=counting)
+    before_step = model[0].weight.detach() * 2
+    for step in range(3):
+        loss, weight = compiled(model, extra, opt, step)
+        eager_loss, eager_weight = train_step(eager_model, eager_extra, eager, step)
+        # the compiled forward and backward may round differently from eager ones
+        torch.testing.assert_close(loss, eager_loss)
+        torch.testing.assert_close(weight, eager_weight)
+        assert not torch.equal(weight, before_step), "read the weight before the step"
+        before_step = weight.detach().clone()
+        opt.zero_grad()
+        eager.zero_grad()
+    _assert_same(opt, eager, list(model.parameters()) + [extra],
+                 list(eager_model.parameters()) + [eager_extra], exact=False)
+    ops = [str(node.target) for gm in graphs for node in gm.graph.nodes
+           if node.op == "call_function"]
+    assert sum(op.startswith("triton_adam.adam_step") for op in ops) == 1, ops
+    explained = torch._dynamo.explain(train_step)(model, extra, opt, 3)
+    reasons = [str(b.reason) for b in explained.break_reasons]
+    assert reasons and all("backward" in r for r in reasons), reasons
+
+
+@pytest.mark.parametrize("backend", OPT_BACKENDS)
+def test_inductor_runs_the_op_on_the_optimizer_tensors_and_keeps_its_plan(backend, monkeypatch):
+    """Inductor re-inplaces the op: it gets the optimizer's own params and states, so the plan
+    (tables, compiled kernels) is built once, as in eager steps."""
+    builds = []
+    original = _plan.StepPlan.__init__
+
+    def counting_init(self, *args, **kwargs):
+        builds.append(1)
+        original(self, *args, **kwargs)
+
+    monkeypatch.setattr(_plan.StepPlan, "__init__", counting_init)
+    model, extra = _model()
+    opt = triton_adam.AdamW(_groups(model, extra), lr=1e-2, backend=backend)
+    compiled_step = torch.compile(opt.step, backend="inductor", fullgraph=True)
+    for step in range(3):
+        _backward(model, extra, step)
+        compiled_step()
+    assert len(builds) == 1
+
+
+def test_dtensor_params_under_compile_fail_clearly(monkeypatch):
+    monkeypatch.setattr(_compile, "_is_dtensor", lambda tensor: True)
+    model, extra = _model()
+    opt = triton_adam.AdamW(_groups(model, extra), backend="torch")
+    _backward(model, extra, 0)
+    with pytest.raises(Exception, match="DTensor"):
+        torch.compile(opt.step, backend="aot_eager", fullgraph=True)()
+    assert not opt.state  # refused before any state was created
+
+
+def test_custom_op_passes_opcheck():
+    """Schema (mutated args), fake implementation and registrations agree with the op."""
+    model, extra = _model()
+    opt = triton_adam.AdamW(_groups(model, extra), lr=1e-2, backend="torch")
+    _backward(model, extra, 0)
+    lists = [[] for _ in range(6)]
+    groups = []
+    for index, group in enumerate(opt.param_groups):
+        before = len(lists[0])
+        opt._init_group(group, *lists)
+        groups += [index] * (len(lists[0]) - before)
+    args = (*lists, [], None, None, groups, opt._compile_handle)
+    torch.library.opcheck(torch.ops.triton_adam.adam_step.default, args,
+                          test_utils=("test_schema", "test_faketensor"))
+
+
+
+@pytest.mark.parametrize("lr_kind", ["float", "tensor"])
+def test_lr_changes_are_followed(lr_kind):
+    """The op reads hyperparameters when it runs. dynamo guards on a float lr (as for
+    torch.optim), so a new value recompiles; a tensor lr changes without recompiling."""
+    model, extra = _model()
+    eager_model, eager_extra = copy.deepcopy(model), copy.deepcopy(extra)
+    opt = triton_adam.AdamW(_groups(model, extra), lr=1e-2, backend="torch")
+    eager = triton_adam.AdamW(_groups(eager_model, eager_extra), lr=1e-2, backend="torch")
+    lrs = {opt: torch.tensor(1e-2), eager: torch.tensor(1e-2)}
+    compiled_step = torch.compile(opt.step, backend="aot_eager", fullgraph=True)
+    with torch._dynamo.config.patch(error_on_recompile=lr_kind == "tensor"):
+        for step, value in enumerate([1e-2, 4e-3, 1e-3]):
+            for optimizer, tensor in lrs.items():
+                tensor.fill_(value)
+                for group in optimizer.param_groups:
+                    group["lr"] = tensor if lr_kind == "tensor" else value
+            _backward(model, extra, step)
+            _backward(eager_model, eager_extra, step)
+            compiled_step()
+            eager.step()
+            opt.zero_grad()
+            eager.zero_grad()
+    _assert_same(opt, eager, list(model.parameters()) + [extra],
+                 list(eager_model.parameters()) + [eager_extra])
