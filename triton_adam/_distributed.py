@@ -45,25 +45,28 @@ def check_param(what: str, param: Tensor) -> None:
                          "Shard/Replicate placements")
 
 
-def local_grad(what: str, param: Tensor, grad: Tensor) -> Tensor:
+def local_grad(param: Tensor, grad: Tensor, describe) -> Tensor:
     """The grad's local shard laid out as the param's, redistributing it when needed.
 
     A grad whose placements differ from its param's (e.g. a ``Partial`` grad of a replicated
     param under sequence parallel) is redistributed first, as torch's DTensor dispatch does;
-    stepping its raw local tensor would make replicas drift apart.
+    stepping its raw local tensor would make replicas drift apart. ``describe()`` names the
+    param in errors (called only then: this runs for every grad at every step).
     """
-    if not is_dtensor(param):
-        if is_dtensor(grad):
-            raise TypeError(f"{what} is a plain tensor but its grad is a DTensor")
+    param_is_dtensor, grad_is_dtensor = is_dtensor(param), is_dtensor(grad)
+    if not param_is_dtensor:
+        if grad_is_dtensor:
+            raise TypeError(f"{describe()} is a plain tensor but its grad is a DTensor")
         return grad
-    if not is_dtensor(grad):
-        raise TypeError(f"{what} is a DTensor but its grad is a plain tensor")
+    if not grad_is_dtensor:
+        raise TypeError(f"{describe()} is a DTensor but its grad is a plain tensor")
     param_spec, grad_spec = param._spec, grad._spec
-    if grad_spec.mesh != param_spec.mesh:
-        raise ValueError(f"{what}: its grad lives on mesh {grad_spec.mesh}, the param on "
-                         f"{param_spec.mesh}")
-    if grad_spec.placements != param_spec.placements:
-        grad = grad.redistribute(param_spec.mesh, param_spec.placements)
+    if grad_spec.placements != param_spec.placements or grad_spec.mesh is not param_spec.mesh:
+        if grad_spec.mesh != param_spec.mesh:
+            raise ValueError(f"{describe()}: its grad lives on mesh {grad_spec.mesh}, the param "
+                             f"on {param_spec.mesh}")
+        if grad_spec.placements != param_spec.placements:
+            grad = grad.redistribute(param_spec.mesh, param_spec.placements)
     return grad._local_tensor
 
 

@@ -84,9 +84,8 @@ class Member:
         """Record the state tensors the tables are about to hold."""
         self.state_tensors = tuple((key, self.state[key], local(self.state[key])) for key in keys)
 
-    def state_unchanged(self, state: dict) -> bool:
-        return all(state.get(key) is tensor and local(tensor) is shard
-                   for key, tensor, shard in self.state_tensors)
+    def describe(self) -> str:
+        return _validation.describe(self.group_index, self.position, self.param)
 
     @staticmethod
     def flat(tensor: Tensor) -> Tensor:
@@ -305,6 +304,7 @@ class StepPlan:
         self.hyper_tables = {d: HyperTable(d, len(groups)) for d in devices}
         self.members = [m for ms in members_by_key.values() for m in ms]
         self.grad_norm_runner = None
+        self._state_checks = None
         # Every kernel this plan can launch is compiled now, before any launch: a compile
         # failure then leaves params, states and step counts untouched (see _warmup).
         compile_plan(self, optimizer)
@@ -314,10 +314,22 @@ class StepPlan:
             first.device if first is not None else torch.device("cpu"))
 
     def state_unchanged(self, optimizer) -> bool:
-        """True while every member's state dict and state tensors are the ones in the tables."""
-        state = optimizer.state
-        return all(state.get(m.param) is m.state and m.state_unchanged(m.state)
-                   for m in self.members)
+        """True while every member's state dict and state tensors are the ones in the tables.
+
+        Flat identity checks, as this runs at every step for every tensor.
+        """
+        if self._state_checks is None:
+            self._state_checks = (
+                [(m.param, m.state) for m in self.members],
+                [(m.state, key, tensor) for m in self.members for key, tensor, _ in
+                 m.state_tensors],
+                [(tensor, shard) for m in self.members for _, tensor, shard in m.state_tensors
+                 if shard is not tensor])
+        params, tensors, shards = self._state_checks
+        get = optimizer.state.get
+        return (all(get(param) is state for param, state in params)
+                and all(state.get(key) is tensor for state, key, tensor in tensors)
+                and all(tensor._local_tensor is shard for tensor, shard in shards))
 
     def run(self, optimizer, grads_by_group, grad_scale, found_inf):
         """Launch the step: check this step's grads, then (optionally) norm, then update."""
@@ -418,18 +430,15 @@ def _gather_grads(bucket, grads_by_group) -> list:
     grads = []
     for member, (gi, pi) in zip(bucket.members, bucket.index):
         grad = grads_by_group[gi][pi]
-        if (grad.layout is not torch.strided or grad.dtype is not member.dtype
-                or grad.device != member.param.device):
+        shard = _distributed.local_grad(member.param, grad, member.describe)
+        # get_device(): an int, far cheaper than building torch.device objects per grad
+        if (shard.dtype is not member.dtype or shard.layout is not torch.strided
+                or shard.numel() != member.numel
+                or shard.get_device() != member.flat_param.get_device()):
             _validation.check_grad(gi, pi, member.param, grad)
-            raise ValueError(f"{_validation.describe(gi, pi, member.param)}: unusable grad "
-                             f"{grad.layout}, {grad.dtype}, {tuple(grad.shape)}, {grad.device}")
-        grad = _distributed.local_grad(_validation.describe(gi, pi, member.param),
-                                       member.param, grad)
-        if grad.numel() != member.numel:
-            _validation.check_grad(gi, pi, member.param, grad)
-            raise ValueError(f"{_validation.describe(gi, pi, member.param)}: its grad's local "
-                             f"shard has {grad.numel()} elements, the param's {member.numel}")
-        grads.append(_kernel_grad(member, grad))
+            raise ValueError(f"{member.describe()}: unusable grad {shard.layout}, {shard.dtype}, "
+                             f"local shape {tuple(shard.shape)}, {shard.device}")
+        grads.append(_kernel_grad(member, shard))
     return grads
 
 

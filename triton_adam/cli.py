@@ -47,6 +47,8 @@ def cmd_bench(args: argparse.Namespace) -> int:
                       f"{p.description}", highlight=False)
         return 0
 
+    if args.fsdp2 is not None:
+        return cmd_bench_fsdp2(args)
     if args.clip is not None and not (math.isfinite(args.clip) and args.clip > 0):
         _error(f"--clip must be a finite max norm > 0, got {args.clip}")
         return 1
@@ -182,6 +184,38 @@ def _load_records(path: str) -> list:
     return data if isinstance(data, list) else [data]
 
 
+def cmd_bench_fsdp2(args: argparse.Namespace) -> int:
+    """Host time of step() under FSDP2 on CPU gloo processes (see bench/fsdp2.py)."""
+    from triton_adam.bench import env
+    from triton_adam.bench.console import make_table
+    from triton_adam.bench.fsdp2 import Fsdp2BenchConfig, run
+
+    import torch
+
+    if args.fsdp2 < 1:
+        _error(f"--fsdp2 takes a world size >= 1, got {args.fsdp2}")
+        return 1
+    config = Fsdp2BenchConfig(world_size=args.fsdp2, layers=64 if args.quick else 256,
+                              warmup=1 if args.quick else 3,
+                              repeats=args.steps or (5 if args.quick else 20))
+    record = run(config)
+    record["run"] = env.run_metadata(torch.device("cpu"))
+    table = make_table(title=f"step() host time under FSDP2: {config.world_size} gloo processes, "
+                             f"{record['config']['tensors']} sharded tensors (rank 0)",
+                       caption="stubbed: Triton launches replaced by no-ops (the host's share of "
+                               "a GPU step); torch fused includes its small CPU kernel work")
+    for col in ("provider", "median ms", "µs / tensor", "torch fused / this"):
+        table.add_column(col, justify="left" if col == "provider" else "right")
+    for r in record["results"]:
+        table.add_row(r["provider"], f"{r['host_median_ms']:.2f}", f"{r['us_per_tensor']:.2f}",
+                      f"{r['torch_fused_over_this']:.2f}x")
+    _console().print(table)
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump(record, f, indent=1)
+    return 0
+
+
 def cmd_report(args: argparse.Namespace) -> int:
     from triton_adam.bench.console import make_table as Table
 
@@ -240,6 +274,9 @@ def build_parser() -> argparse.ArgumentParser:
     b.add_argument("--clip", type=float, metavar="MAX_NORM",
                    help="time clip + step: torch providers run clip_grad_norm_(MAX_NORM) then "
                         "step, triton-adam its fused max_grad_norm=MAX_NORM step")
+    b.add_argument("--fsdp2", type=int, metavar="WORLD_SIZE",
+                   help="instead: host time of step() under FSDP2 on WORLD_SIZE CPU gloo "
+                        "processes, ours (launches stubbed) vs torch fused on the same model")
     b.add_argument("--threads", type=int, help="torch CPU threads (a busy machine times far more "
                                                "steadily with 1)")
     b.set_defaults(func=cmd_bench)

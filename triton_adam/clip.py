@@ -100,7 +100,8 @@ def _clip_distributed(parameters, reduction, max_norm, norm_type, error_if_nonfi
     device = parameters[0].device
     # norms of the grads as their params are placed (a Partial grad is reduced first); the
     # scaling goes to the grads' own memory, which is linear in any placement
-    locals_ = [_distributed.local_grad(f"param {i}", p, p.grad) for i, p in enumerate(with_grads)]
+    locals_ = [_distributed.local_grad(p, p.grad, lambda i=i: f"param {i}")
+               for i, p in enumerate(with_grads)]
     memory = [_distributed.local(p.grad) for p in with_grads]
     segments = [reduction.segment_index(p) for p in with_grads]
     n_segments = len(reduction.segments)
