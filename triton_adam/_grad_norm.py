@@ -27,8 +27,9 @@ class NormSource:
 
     @classmethod
     def from_bucket(cls, bucket):
-        return cls(bucket.tensor_table, bucket.grad_table, bucket.block_map, bucket.n_blocks,
-                   bucket.spec["GRAD_DTYPE"], bucket.aligned)
+        """The bucket's grads as the step sees them: one source per block range."""
+        return [cls(bucket.tensor_table, bucket.grad_table, r.block_map, r.n_blocks,
+                    bucket.spec["GRAD_DTYPE"], r.aligned) for r in bucket.ranges]
 
     @classmethod
     def from_grads(cls, grads):
@@ -90,9 +91,10 @@ class TritonGradNorm:
     def _partials(self, sources, code) -> int:
         """One partial-reduction launch per source; returns the number of partials written."""
         offset = 0
+        sources = [s for source in sources
+                   for s in ([source] if isinstance(source, NormSource)
+                             else NormSource.from_bucket(source))]
         for source in sources:
-            if not isinstance(source, NormSource):
-                source = NormSource.from_bucket(source)
             N.launch_grad_norm_partials(
                 source.tensor_table, source.grad_table, source.block_map, self.partials,
                 self.counts, offset, source.n_blocks, source.grad_dtype, code, source.aligned,

@@ -162,8 +162,26 @@ class HyperTable:
         return self.table
 
 
+@dataclass
+class BlockRange:
+    """Programs of one step launch: a block map of its own (a fresh, aligned allocation, so the
+    launch specialises as the warm-up did) and whether all its tensors are 16-byte aligned."""
+    block_map: Tensor
+    n_blocks: int
+    aligned: bool
+    block_tensor: np.ndarray  # host copy: which member each program updates
+
+
 class TritonBucket:
-    """Members sharing device, dtypes and flags: one coefficient launch and one step launch."""
+    """Members sharing device, dtypes and flags: one coefficient launch, and one step launch
+    per alignment class.
+
+    The step kernel moves 16 bytes per access only where every address of a tensor (param,
+    states and this step's grad) is 16-byte aligned. Rather than dropping the whole bucket to
+    scalar accesses for one misaligned tensor (DDP bucket views are element-aligned), the
+    bucket's blocks go into two launches, aligned members first, regrouped only when the
+    grads' alignment pattern changes.
+    """
 
     def __init__(self, members, device, amsgrad):
         self.members = members
@@ -190,19 +208,22 @@ class TritonBucket:
         columns = [K.COL_PARAM, K.COL_EXP_AVG, K.COL_EXP_AVG_SQ]
         columns += [K.COL_MAX_EXP_AVG_SQ] if amsgrad else []
         addresses = table[:n, [int(c) for c in columns]]
-        self.static_aligned = not (addresses % ALIGNMENT).any()
         self.nonempty = np.array([m.numel > 0 for m in members], dtype=bool)
-        blocks_per_tensor = -(-table[:n, int(K.COL_NUMEL)] // BLOCK_SIZE)
-        block_map = build_block_map(blocks_per_tensor)
+        # per member: its own tensors are 16-byte aligned (empty ones take no block anyway)
+        self.member_aligned = ~(addresses % ALIGNMENT).any(axis=1) | ~self.nonempty
+        self.static_aligned = bool((self.member_aligned & self.nonempty).any())
+        self.blocks_per_tensor = -(-table[:n, int(K.COL_NUMEL)] // BLOCK_SIZE)
+        block_map = build_block_map(self.blocks_per_tensor)
         self.n_blocks = len(block_map)
-        self.block_tensor = block_map[:, 0]  # host copy: which member each program updates
         self.tensor_table = torch.from_numpy(table).to(device)
         self.block_map = torch.from_numpy(block_map).to(device)
+        self.ranges = [BlockRange(self.block_map, self.n_blocks, False, block_map[:, 0])]
+        self.aligned_pattern = None
+        self.layout_version = 0  # bumped when the ranges (and so the block order) change
         self.coef_table = torch.empty((max(n, 1), int(K.COEF_WIDTH)), dtype=torch.float32,
                                       device=device)
         self.grad_table = torch.zeros(max(n, 1), dtype=torch.int64, device=device)
         self.grad_ptrs = None
-        self.grads_aligned = False
         self._keep_alive = []
         self.spec = dict(
             PARAM_DTYPE=triton_dtype(dtype), GRAD_DTYPE=triton_dtype(dtype),
@@ -222,25 +243,43 @@ class TritonBucket:
                     "step eagerly once with the same grads (static grads) before capturing")
             upload(torch.from_numpy(ptrs), self.grad_table[:n], self._keep_alive)
             self.grad_ptrs = ptrs
-            self.grads_aligned = not (ptrs % ALIGNMENT).any()
+            pattern = self.member_aligned & (ptrs % ALIGNMENT == 0)
+            if self.aligned_pattern is None or not np.array_equal(pattern,
+                                                                  self.aligned_pattern):
+                self._regroup(pattern)
+
+    def _regroup(self, pattern: np.ndarray) -> None:
+        """One block range for the aligned members and one for the others (either may be
+        absent), each with its own block map."""
+        ranges = []
+        for aligned, members in ((True, np.flatnonzero(pattern)),
+                                 (False, np.flatnonzero(~pattern))):
+            blocks = build_block_map(self.blocks_per_tensor[members])
+            if not len(blocks):
+                continue
+            blocks[:, 0] = members[blocks[:, 0]]  # back to bucket-wide member indices
+            block_map = torch.empty(blocks.shape, dtype=torch.int32, device=self.device)
+            upload(torch.from_numpy(blocks), block_map, self._keep_alive)
+            ranges.append(BlockRange(block_map, len(blocks), aligned, blocks[:, 0]))
+        self.ranges = ranges
+        self.aligned_pattern = pattern
+        self.layout_version += 1
 
     @property
-    def aligned(self) -> bool:
-        return self.static_aligned and self.grads_aligned
-
-    @property
-    def tile_size(self) -> int:
-        return ALIGNED_TILE_SIZE if self.aligned else UNALIGNED_TILE_SIZE
+    def block_tensor(self) -> np.ndarray:
+        """Which member each program updates, over the ranges in launch order."""
+        return np.concatenate([r.block_tensor for r in self.ranges] + [np.zeros(0, np.int32)])
 
     def launch(self, hyper_table, grad_scale, found_inf, grad_norm):
-        aligned = self.aligned
         with on_device(self.device):
             K.launch_adam_coefficients(self.tensor_table, hyper_table, self.coef_table,
                                        found_inf, grad_norm, len(self.members))
-            K.launch_adam_step(
-                self.tensor_table, self.grad_table, self.block_map, self.coef_table, grad_scale,
-                found_inf, self.n_blocks, dict(self.spec, ALIGNED=aligned), BLOCK_SIZE,
-                self.tile_size, NUM_WARPS)
+            for r in self.ranges:
+                K.launch_adam_step(
+                    self.tensor_table, self.grad_table, r.block_map, self.coef_table,
+                    grad_scale, found_inf, r.n_blocks, dict(self.spec, ALIGNED=r.aligned),
+                    BLOCK_SIZE, ALIGNED_TILE_SIZE if r.aligned else UNALIGNED_TILE_SIZE,
+                    NUM_WARPS)
 
 
 def state_key_names(amsgrad: bool):
@@ -399,11 +438,16 @@ class StepPlan:
         if self.triton_buckets and not self.torch_buckets:
             if self.grad_norm_runner is None:
                 self.grad_norm_runner = TritonGradNorm(self.triton_buckets)
+            versions = tuple(b.layout_version for b in self.triton_buckets)
+            if getattr(self, "segment_versions", None) != versions:
+                # the partials come in the buckets' block order, which follows the grads'
+                # alignment pattern
                 of_partial = [np.array([m.segment for m in b.members],
                                        dtype=np.int32)[b.block_tensor]
                               for b in self.triton_buckets]
                 self.segment_of_partial = torch.from_numpy(
                     np.concatenate(of_partial + [np.zeros(1, np.int32)])).to(self.device)
+                self.segment_versions = versions
             totals, flag = self.grad_norm_runner.run_segments(
                 self.triton_buckets, self.segment_of_partial, n_segments)
         else:

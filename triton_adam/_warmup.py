@@ -14,7 +14,6 @@ nothing.
 """
 from __future__ import annotations
 
-import dataclasses
 import itertools
 
 import torch
@@ -54,8 +53,8 @@ def compile_plan(plan, optimizer) -> None:
 
 
 def _aligned_options(bucket):
-    # The step runs the aligned kernel only when the bucket's tensors and this step's grads are
-    # all 16-byte aligned; grads may move to unaligned memory at any step.
+    # The step runs the aligned kernel over the members whose tensors and this step's grads are
+    # all 16-byte aligned, the unaligned one over the others; grads may move at any step.
     return (True, False) if bucket.static_aligned else (False,)
 
 
@@ -96,7 +95,8 @@ def _compile_grad_norm(plan) -> None:
         offset = 0
         for bucket in buckets:
             for aligned in _aligned_options(bucket):
-                source = dataclasses.replace(NormSource.from_bucket(bucket), aligned=aligned)
+                source = NormSource(bucket.tensor_table, bucket.grad_table, bucket.block_map,
+                                    bucket.n_blocks, bucket.spec["GRAD_DTYPE"], aligned)
                 N.launch_grad_norm_partials(
                     source.tensor_table, source.grad_table, source.block_map, partials, counts,
                     offset, source.n_blocks, source.grad_dtype, code, aligned, BLOCK_SIZE,
