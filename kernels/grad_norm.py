@@ -40,7 +40,10 @@ def _block_partial(grad_ptr, lanes, mask, NORM: tl.constexpr):
     return partial, nonfinite
 
 
-@triton.jit
+# partial_offset is where a launch's partials start: it depends on the block ranges of the
+# step, which follow the grads' alignment, so the warm-up cannot know it; not specialising on
+# its value (== 1, divisible by 16) keeps one compiled kernel for every offset.
+@triton.jit(do_not_specialize=["partial_offset"])
 def grad_norm_partials_kernel(
     tensor_table, grad_table, block_map, partials, nonfinite_counts, partial_offset,
     GRAD_DTYPE: tl.constexpr, NORM: tl.constexpr, ALIGNED: tl.constexpr,
