@@ -569,3 +569,28 @@ def fsdp_tp_matches_torch_and_clips(rank, world_size, shared_dir):
         model, ref_model = _tp_mlp(mesh, 14), _tp_mlp(mesh, 14)
         _clip_against_torch(model, ref_model, backend, 0.05, 2, f"{backend} FSDPxTP",
                             data_rank=dp_rank)
+
+
+# --- the README's example ----------------------------------------------------------------------
+
+def readme_fsdp2_example(rank, world_size, shared_dir):
+    """The README's FSDP2 block, run as written (process group already up; its checkpoint in
+    the test's directory): it must train, clip, save and load."""
+    import re
+    import unittest.mock
+
+    readme = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))),
+                          "README.md")
+    with open(readme) as f:
+        text = f.read()
+    block = re.search(r"<!-- fsdp2-example.*?-->\n```python\n(.*?)```", text, re.S).group(1)
+    assert block.count("\n") <= 30, "keep the README example short"
+    block = block.replace('"ckpt"', repr(os.path.join(shared_dir, "readme-ckpt")))
+    namespace = {}
+    with unittest.mock.patch.object(dist, "init_process_group"), \
+            unittest.mock.patch.object(dist, "destroy_process_group"):
+        exec(compile(block, "README.md", "exec"), namespace)
+    opt = namespace["opt"]
+    assert isinstance(opt, triton_adam.AdamW) and opt.last_grad_norm is not None
+    assert all(float(s["step"]) == 5 for s in opt.state.values())
+    assert all(isinstance(s["exp_avg"], DTensor) for s in opt.state.values())

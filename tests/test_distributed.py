@@ -29,6 +29,7 @@ WORLD_2 = [
     "dcp_warmup_leaves_params_unchanged",
     "ddp_bucket_views_and_set_to_none",
     "zero_redundancy_with_an_empty_rank",
+    "readme_fsdp2_example",
     "dcp_save",  # last: the load worlds below read what it wrote
 ]
 WORLD_4 = ["hsdp_matches_torch_and_clips", "fsdp_tp_matches_torch_and_clips"]
