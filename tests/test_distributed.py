@@ -70,3 +70,50 @@ def test_checkpoint_saved_on_two_ranks_loads_on(world_2, checkpoint_dir, world_s
     outcome = run_world(world_size, MODULE, LOAD, checkpoint_dir)
     problems = failures(outcome, LOAD[0], world_size)
     assert not problems, problems
+
+
+@pytest.mark.parametrize("rank", [0, 6, 7])
+@pytest.mark.parametrize("backend", ["torch", "triton"])
+def test_world_of_eight_shapes_on_the_fake_process_group(rank, backend):
+    """One rank of an 8-rank FSDP2 world, in this process (collectives are no-ops): Linear(5, 7)
+    puts 1 row on ranks 0-6 and none on rank 7; Linear(30, 9): 2 rows on ranks 0-3, 1 on 4, none
+    after. Steps with fused clipping match torch's fused AdamW on the same local shards."""
+    import copy
+
+    import torch
+    from torch.distributed.fsdp import fully_shard
+    from torch.distributed.tensor import DTensor
+    from torch.testing._internal.distributed.fake_pg import FakeStore
+
+    import triton_adam
+    from conftest import backends_on
+
+    if backend not in backends_on("cpu"):
+        pytest.skip("the Triton kernels need the interpreter on CPU")
+    dist.init_process_group("fake", store=FakeStore(), rank=rank, world_size=8)
+    try:
+        torch.manual_seed(rank)
+        base = torch.nn.Sequential(torch.nn.Linear(5, 7), torch.nn.Linear(30, 9))
+        model, ref_model = copy.deepcopy(base), copy.deepcopy(base)
+        for m in (model, ref_model):
+            fully_shard(m)
+        rows = {0: [1, 2], 6: [1, 0], 7: [0, 0]}[rank]
+        assert [p._local_tensor.shape[0] for p in model.parameters()][::2] == rows
+        opt = triton_adam.AdamW(model.parameters(), lr=0.1, weight_decay=0.1, backend=backend,
+                                max_grad_norm=1e9)
+        ref = torch.optim.AdamW(ref_model.parameters(), lr=0.1, weight_decay=0.1, fused=True)
+        generator = torch.Generator().manual_seed(100 + rank)
+        for _ in range(3):
+            for p, q in zip(model.parameters(), ref_model.parameters()):
+                g = torch.randn(p._local_tensor.shape, generator=generator)
+                p.grad = DTensor.from_local(g.clone(), p.device_mesh, p.placements,
+                                            shape=p.shape, stride=p.stride())
+                q.grad = DTensor.from_local(g.clone(), q.device_mesh, q.placements,
+                                            shape=q.shape, stride=q.stride())
+            opt.step()
+            ref.step()
+        for p, q in zip(model.parameters(), ref_model.parameters()):
+            torch.testing.assert_close(p._local_tensor, q._local_tensor, rtol=1e-6, atol=1e-7)
+            assert float(opt.state[p]["step"]) == 3.0
+    finally:
+        dist.destroy_process_group()
