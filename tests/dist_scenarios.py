@@ -594,3 +594,42 @@ def readme_fsdp2_example(rank, world_size, shared_dir):
     assert isinstance(opt, triton_adam.AdamW) and opt.last_grad_norm is not None
     assert all(float(s["step"]) == 5 for s in opt.state.values())
     assert all(isinstance(s["exp_avg"], DTensor) for s in opt.state.values())
+
+
+def swapped_shards_are_followed(rank, world_size, shared_dir):
+    """load_state_dict(assign=True) with swap_tensors on: the same Parameter objects get new
+    local shards (FSDP2's reset_sharded_param); the next step updates the new memory."""
+    previous = torch.__future__.get_swap_module_params_on_conversion()
+    torch.__future__.set_swap_module_params_on_conversion(True)
+    try:
+        for backend in BACKENDS:
+            base = two_layer(15)
+            model, ref_model = copy.deepcopy(base), copy.deepcopy(base)
+            for m in (model, ref_model):
+                fully_shard(m)
+            opt = triton_adam.AdamW(model.parameters(), lr=0.05, backend=backend)
+            ref = torch.optim.AdamW(ref_model.parameters(), lr=0.05, fused=True)
+            x = torch.randn(3, 5, generator=torch.Generator().manual_seed(rank))
+            for m, o in ((model, opt), (ref_model, ref)):
+                m(x).square().mean().backward()
+                o.step()
+                o.zero_grad()
+            params = list(model.parameters())
+            shards = [local(p).data_ptr() for p in params if local(p).numel()]
+            from torch.distributed.tensor import distribute_tensor
+            full = {k: v.full_tensor() * 0.5 for k, v in ref_model.state_dict().items()}
+            for m in (model, ref_model):  # swap_tensors swaps contents: one dict each
+                m.load_state_dict({k: nn.Parameter(distribute_tensor(v.clone(), p.device_mesh,
+                                                                     p.placements))
+                                   for (k, v), p in zip(full.items(), m.parameters())},
+                                  assign=True)
+            assert all(p is q for p, q in zip(model.parameters(), params)), "objects kept"
+            moved = [local(p).data_ptr() for p in params if local(p).numel()]
+            assert moved != shards, "the test needs new local memory"
+            for m, o in ((model, opt), (ref_model, ref)):
+                m(x).square().mean().backward()
+                o.step()
+            assert_states_match(opt, ref, params, list(ref_model.parameters()), backend,
+                                f"{backend} after swap: ")
+    finally:
+        torch.__future__.set_swap_module_params_on_conversion(previous)

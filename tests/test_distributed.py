@@ -26,6 +26,7 @@ WORLD_2 = [
     "clip_grad_norm_function_on_dtensors",
     "inf_on_one_rank_skips_everywhere",
     "replaced_parameter_raises",
+    "swapped_shards_are_followed",
     "dcp_warmup_leaves_params_unchanged",
     "ddp_bucket_views_and_set_to_none",
     "zero_redundancy_with_an_empty_rank",
