@@ -203,3 +203,18 @@ def test_lr_changes_are_followed(lr_kind):
             eager.zero_grad()
     _assert_same(opt, eager, list(model.parameters()) + [extra],
                  list(eager_model.parameters()) + [eager_extra])
+
+
+def test_a_dead_optimizer_leaves_no_handle():
+    import gc
+
+    model, extra = _model()
+    opt = triton_adam.AdamW(_groups(model, extra), backend="torch")
+    _backward(model, extra, 0)
+    torch.compile(opt.step, backend="aot_eager", fullgraph=True)()
+    handle = opt._compile_handle
+    assert _compile._optimizer(handle) is opt
+    torch._dynamo.reset()  # the compiled code holds the optimizer
+    del opt
+    gc.collect()
+    assert handle not in _compile._OPTIMIZERS

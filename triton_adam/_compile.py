@@ -41,6 +41,20 @@ def _is_dtensor(tensor) -> bool:
     return isinstance(tensor, DTensor)
 
 
+def _optimizer(handle: int):
+    """The live optimizer a handle names, or None."""
+    ref = _OPTIMIZERS.get(handle)
+    return ref() if ref is not None else None
+
+
+def _forget(handle: int):
+    """A weakref callback dropping ``handle`` when its optimizer dies (unless already reused)."""
+    def callback(ref):
+        if _OPTIMIZERS.get(handle) is ref:
+            del _OPTIMIZERS[handle]
+    return callback
+
+
 def init_group(optimizer, group, params, grads, exp_avgs, exp_avg_sqs, max_exp_avg_sqs, steps):
     """Check every param and grad, create missing state, and list ``group``'s step tensors.
 
@@ -50,7 +64,8 @@ def init_group(optimizer, group, params, grads, exp_avgs, exp_avg_sqs, max_exp_a
     (``max_exp_avg_sqs`` only with amsgrad). Nothing is created if any check fails.
     """
     handle = id(optimizer)
-    _OPTIMIZERS[handle] = weakref.ref(optimizer)
+    if _optimizer(handle) is not optimizer:
+        _OPTIMIZERS[handle] = weakref.ref(optimizer, _forget(handle))
     optimizer._compile_handle = handle
     # Every group's state is created at the first group's call: dynamo guards on the state's
     # size after each call, and guards taken while it still grows would fail at the next step.
@@ -217,8 +232,7 @@ def adam_step(params: List[Tensor], grads: List[Tensor], exp_avgs: List[Tensor],
     the amsgrad groups' params, in order. With clipping or skipping, ``results`` holds two 0-d
     tensors that receive the global grad norm and whether the step was skipped.
     """
-    ref = _OPTIMIZERS.get(handle)
-    optimizer = ref() if ref is not None else None
+    optimizer = _optimizer(handle)
     if optimizer is None:
         raise RuntimeError("triton-adam: the optimizer of this compiled step no longer exists")
     view = _StepView(optimizer, params, grads, exp_avgs, exp_avg_sqs, max_exp_avg_sqs, steps,
