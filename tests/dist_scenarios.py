@@ -316,7 +316,7 @@ def replaced_parameter_raises(rank, world_size, shared_dir):
         model = two_layer(7)
         fully_shard(model)
         opt = triton_adam.AdamW(model.parameters(), lr=0.05, backend=backend)
-        x = torch.randn(3, 5)
+        x = torch.randn(3, 5, generator=torch.Generator().manual_seed(7))
         model(x).sum().backward()
         opt.step()
         opt.zero_grad()
