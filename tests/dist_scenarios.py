@@ -72,6 +72,15 @@ def fresh_grads(params, seed):
         local(p.grad).copy_(values)
 
 
+def groups_by_kind(params):
+    """Param groups for torch's fused AdamW, which refuses groups mixing plain tensors and
+    DTensors, or DTensors of different meshes: one group per mesh (and one of plain tensors)."""
+    kinds = {}
+    for p in params:
+        kinds.setdefault(p.device_mesh if isinstance(p, DTensor) else None, []).append(p)
+    return [{"params": ps} for ps in kinds.values()]
+
+
 def two_layer(seed=0):
     torch.manual_seed(seed)
     # Linear(5, 7): shards of 4 and 3 rows on 2 ranks; Linear(7, 1): rank 1's shard is empty
@@ -151,18 +160,11 @@ def mixed_tensor_and_dtensor_group(rank, world_size, shared_dir):
         assert not isinstance(model[0].bias, DTensor)
         assert model[0].weight.device_mesh != model[2].weight.device_mesh
 
-        def reference_groups(params):
-            params = list(params)
-            kinds = {}
-            for p in params:
-                kinds.setdefault(p.device_mesh if isinstance(p, DTensor) else None, []).append(p)
-            return torch.optim.AdamW([{"params": ps} for ps in kinds.values()], lr=0.03,
-                                     weight_decay=0.1, fused=True)
-
         opt, ref = train_pair(
             model, ref_model,
             lambda ps: triton_adam.AdamW(ps, lr=0.03, weight_decay=0.1, backend=backend),
-            reference_groups, rank)
+            lambda ps: torch.optim.AdamW(groups_by_kind(ps), lr=0.03, weight_decay=0.1,
+                                         fused=True), rank)
         assert len(opt.param_groups) == 1
         assert_states_match(opt, ref, list(model.parameters()), list(ref_model.parameters()),
                             backend, f"{backend}: ")
@@ -221,7 +223,7 @@ def _clip_against_torch(model, ref_model, backend, max_norm, expected_all_reduce
     ``data_rank`` picks the batch (the same on the ranks of a tensor-parallel group)."""
     opt = triton_adam.AdamW(model.parameters(), lr=0.05, backend=backend,
                             max_grad_norm=max_norm)
-    ref = torch.optim.AdamW(ref_model.parameters(), lr=0.05, fused=True)
+    ref = torch.optim.AdamW(groups_by_kind(ref_model.parameters()), lr=0.05, fused=True)
     rank = dist.get_rank() if data_rank is None else data_rank
     for step in range(STEPS):
         generator = torch.Generator().manual_seed(100 * step + rank)
@@ -231,8 +233,9 @@ def _clip_against_torch(model, ref_model, backend, max_norm, expected_all_reduce
         counts = _comm_counts(opt.step)
         assert _all_reduces(counts) == expected_all_reduces, f"{what}: collectives {counts}"
         grads = [p.grad for p in ref_model.parameters()]
-        norm = torch.linalg.vector_norm(torch.cat([g.full_tensor().flatten() for g in grads]))
-        if len({g.device_mesh for g in grads}) == 1:
+        norm = torch.linalg.vector_norm(torch.cat([
+            (g.full_tensor() if isinstance(g, DTensor) else g).flatten() for g in grads]))
+        if all(isinstance(g, DTensor) for g in grads) and len({g.device_mesh for g in grads}) == 1:
             theirs = torch.nn.utils.clip_grad_norm_(ref_model.parameters(), max_norm)
             torch.testing.assert_close(theirs.full_tensor(), norm, rtol=1e-5, atol=0)
         else:  # torch's clip_grad_norm_ refuses params on several meshes (pytorch 180346)
@@ -258,6 +261,22 @@ def clip_matches_torch_on_1d_mesh(rank, world_size, shared_dir):
         _clip_against_torch(model, ref_model, backend, 0.05, 1, f"{backend} FSDP2")
 
 
+def clip_over_meshes_and_plain_tensors(rank, world_size, shared_dir):
+    """Fused clip over one group of plain tensors (ignored_params) and DTensors of two meshes:
+    torch's clip_grad_norm_ refuses that; the reference norm comes from the full tensors."""
+    mesh_a = init_device_mesh("cpu", (world_size,), mesh_dim_names=("a",))
+    mesh_b = init_device_mesh("cpu", (world_size,), mesh_dim_names=("b",))
+    for backend in BACKENDS:
+        base = two_layer(16)
+        model, ref_model = copy.deepcopy(base), copy.deepcopy(base)
+        for m in (model, ref_model):
+            fully_shard(m[2], mesh=mesh_b)
+            fully_shard(m, mesh=mesh_a, ignored_params={m[0].bias})
+        groups = {mesh_a.get_group(0), mesh_b.get_group(0)}
+        _clip_against_torch(model, ref_model, backend, 0.05, len(groups),
+                            f"{backend} mixed", data_rank=0)
+
+
 def clip_grad_norm_function_on_dtensors(rank, world_size, shared_dir):
     """triton_adam.clip_grad_norm_ on DTensor grads gives torch's norm and clipped grads."""
     base = two_layer(5)
@@ -281,6 +300,12 @@ def clip_grad_norm_function_on_dtensors(rank, world_size, shared_dir):
         full = full * (0.01 / (ours + 1e-6)).clamp(max=1.0)
         clipped = torch.cat([p.grad.full_tensor().flatten() for p in model.parameters()])
         torch.testing.assert_close(clipped, full, rtol=1e-5, atol=1e-8)
+    # a NaN in one rank's shard makes every rank's norm NaN, the inf-norm included
+    if rank == 0:
+        local(model[0].weight.grad).view(-1)[0] = float("nan")
+    for norm_type in (2.0, float("inf")):
+        norm = triton_adam.clip_grad_norm_(model.parameters(), 1.0, norm_type=norm_type)
+        assert norm.isnan(), (norm_type, norm)
 
 
 def inf_on_one_rank_skips_everywhere(rank, world_size, shared_dir):

@@ -23,6 +23,7 @@ WORLD_2 = [
     "mixed_tensor_and_dtensor_group",
     "partial_grads_are_redistributed",
     "clip_matches_torch_on_1d_mesh",
+    "clip_over_meshes_and_plain_tensors",
     "clip_grad_norm_function_on_dtensors",
     "inf_on_one_rank_skips_everywhere",
     "replaced_parameter_raises",
@@ -78,7 +79,8 @@ def test_checkpoint_saved_on_two_ranks_loads_on(world_2, checkpoint_dir, world_s
 def test_world_of_eight_shapes_on_the_fake_process_group(rank, backend):
     """One rank of an 8-rank FSDP2 world, in this process (collectives are no-ops): Linear(5, 7)
     puts 1 row on ranks 0-6 and none on rank 7; Linear(30, 9): 2 rows on ranks 0-3, 1 on 4, none
-    after. Steps with fused clipping match torch's fused AdamW on the same local shards."""
+    after. Shapes only (the collectives do nothing here): the local-shard steps, through the
+    fused-clip path, match torch's fused AdamW on the same shards."""
     import copy
 
     import torch
@@ -116,5 +118,15 @@ def test_world_of_eight_shapes_on_the_fake_process_group(rank, backend):
         for p, q in zip(model.parameters(), ref_model.parameters()):
             torch.testing.assert_close(p._local_tensor, q._local_tensor, rtol=1e-6, atol=1e-7)
             assert float(opt.state[p]["step"]) == 3.0
+        # a step that went through distribute_tensor (a resharded checkpoint) is read again as
+        # a plain tensor: the kernels address it
+        from torch.distributed.tensor import Replicate, distribute_tensor
+        state = opt.state_dict()
+        for s in state["state"].values():
+            s["step"] = distribute_tensor(s["step"], p.device_mesh, [Replicate()])
+        opt.load_state_dict(state)
+        opt.step()
+        assert all(type(s["step"]) is torch.Tensor and float(s["step"]) == 4.0
+                   for s in opt.state.values())
     finally:
         dist.destroy_process_group()

@@ -267,3 +267,32 @@ def test_nonfinite_flag_does_not_wrap_past_int32():
     norm, flag = torch.empty(()), torch.empty(())
     N.launch_grad_norm_finalize(partials, counts, 3, norm, flag, 2)
     assert flag.item() == 1.0 and torch.isnan(norm)
+
+
+@pytest.mark.parametrize("device,backend", DEVICE_BACKENDS)
+def test_params_only_the_optimizer_holds(device, backend):
+    """A param the optimizer alone references: without state (a scheduler driven with no model,
+    as people plot schedules) steps are no-ops, as in torch; once stepped and then left without
+    a grad and without any other reference (replaced in the model), the step raises."""
+    opt = triton_adam.AdamW([torch.nn.Parameter(torch.ones(3, device=device))], lr=0.1,
+                            backend=backend)
+    scheduler = torch.optim.lr_scheduler.StepLR(opt, step_size=1, gamma=0.5)
+    for _ in range(3):
+        opt.step()
+        scheduler.step()
+    assert opt.param_groups[0]["lr"] == pytest.approx(0.0125)
+    torch.testing.assert_close(opt.param_groups[0]["params"][0], torch.ones(3, device=device))
+
+    model = torch.nn.Linear(3, 2).to(device)
+    opt = triton_adam.AdamW(model.parameters(), lr=0.1, backend=backend)
+    model(torch.randn(4, 3, device=device)).sum().backward()
+    opt.step()
+    opt.zero_grad()
+    opt.step()  # no grads, params still in the model: a no-op
+    weight_before = model.weight.detach().clone()
+    model.load_state_dict({k: v.detach().clone() for k, v in model.state_dict().items()},
+                          assign=True)
+    model(torch.randn(4, 3, device=device)).sum().backward()
+    with pytest.raises(RuntimeError, match="replaced by another Parameter object"):
+        opt.step()
+    torch.testing.assert_close(model.weight.detach(), weight_before)

@@ -16,8 +16,11 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+import numpy as np
 import torch
 from torch import Tensor
+
+from ._tables import to_device
 
 try:  # torch built without distributed support has no DTensor
     from torch.distributed.tensor import DTensor, distribute_tensor
@@ -159,7 +162,6 @@ class NormReduction:
                 for i, s in enumerate(self.segments):
                     mask[i] = mask[i] or (s.mesh == mesh and dim in s.sharded_dims)
         self.steps = [(group, mask + [True]) for group, mask in masks.items()]
-        self._masks = {}
 
     @property
     def distributed(self) -> bool:
@@ -178,7 +180,7 @@ class NormReduction:
         payload = torch.cat([partials.to(torch.float32), nonfinite.reshape(1).to(torch.float32)])
         op = torch.distributed.ReduceOp.MAX if is_max else torch.distributed.ReduceOp.SUM
         for group, mask in self.steps:
-            mask = self._mask(mask, payload.device)
+            mask = _device_mask(tuple(mask), payload.device)
             # segments not sharded over this dim: zeros (or -inf-free zeros for MAX, as every
             # partial is >= 0) go in, their own values are kept
             reduced = torch.where(mask, payload, torch.zeros_like(payload))
@@ -187,16 +189,24 @@ class NormReduction:
         sums, flag = payload[:-1], payload[-1]
         if is_max:
             total = sums.max() if len(sums) else sums.new_zeros(())
-            total = torch.where(sums.isnan().any(), float("nan"), total) if len(sums) else total
+            # a MAX all-reduce may drop a NaN (NCCL's max is fmax-like); the non-finite count
+            # cannot: a finite max with non-finite elements somewhere means a NaN
+            total = torch.where((flag != 0) & total.isfinite(), float("nan"), total)
         else:
             total = sums.sum()
         return total, (flag != 0).to(torch.float32)
 
-    def _mask(self, mask, device):
-        key = (tuple(mask), device)
-        if key not in self._masks:
-            self._masks[key] = torch.tensor(mask, dtype=torch.bool, device=device)
-        return self._masks[key]
+
+
+_MASKS: dict = {}
+
+
+def _device_mask(mask: tuple, device) -> Tensor:
+    """The mask as a bool device tensor, made once per process (no host sync per step)."""
+    key = (mask, device)
+    if key not in _MASKS:
+        _MASKS[key] = to_device(np.array(mask, dtype=np.bool_), device)
+    return _MASKS[key]
 
 
 def finish_norm(total: Tensor, norm_type: float, grad_scale=None) -> Tensor:

@@ -8,7 +8,7 @@ import torch
 from torch import Tensor
 
 from ._tables import (ALIGNED_TILE_SIZE, ALIGNMENT, BLOCK_SIZE, NUM_WARPS, UNALIGNED_TILE_SIZE,
-                      build_block_map, on_device, triton_dtype)
+                      build_block_map, on_device, to_device, triton_dtype)
 from .kernels import adam_step as K
 from .kernels import grad_norm as N
 
@@ -40,8 +40,8 @@ class NormSource:
         table[:, int(K.COL_NUMEL)] = [g.numel() for g in grads]
         ptrs = np.array([g.data_ptr() for g in grads], dtype=np.int64)
         block_map = build_block_map(-(-table[:, int(K.COL_NUMEL)] // BLOCK_SIZE))
-        return cls(torch.from_numpy(table).to(device), torch.from_numpy(ptrs).to(device),
-                   torch.from_numpy(block_map).to(device), len(block_map),
+        return cls(to_device(table, device), to_device(ptrs, device),
+                   to_device(block_map, device), len(block_map),
                    triton_dtype(grads[0].dtype), not (ptrs % ALIGNMENT).any())
 
 

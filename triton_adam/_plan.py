@@ -18,7 +18,7 @@ from . import _distributed, _validation
 from ._distributed import local
 from ._grad_norm import TritonGradNorm
 from ._tables import (ALIGNED_TILE_SIZE, ALIGNMENT, BLOCK_SIZE, NUM_WARPS, UNALIGNED_TILE_SIZE,
-                      build_block_map, on_device, triton_dtype, upload)
+                      build_block_map, on_device, to_device, triton_dtype, upload)
 from ._torch_backend import TorchBucket, grad_norm_and_nonfinite, segment_totals
 from ._warmup import compile_plan
 from .kernels import adam_step as K
@@ -352,6 +352,14 @@ class StepPlan:
         self.device = self.members[0].param.device if self.members else (
             first.device if first is not None else torch.device("cpu"))
 
+    def param_references(self):
+        """Every reference this plan holds to a param (for the reachability check)."""
+        for m in self.members:
+            yield m.param
+        if self._state_checks is not None:
+            for param, _ in self._state_checks[0]:
+                yield param
+
     def state_unchanged(self, optimizer) -> bool:
         """True while every member's state dict and state tensors are the ones in the tables.
 
@@ -445,16 +453,19 @@ class StepPlan:
                 of_partial = [np.array([m.segment for m in b.members],
                                        dtype=np.int32)[b.block_tensor]
                               for b in self.triton_buckets]
-                self.segment_of_partial = torch.from_numpy(
-                    np.concatenate(of_partial + [np.zeros(1, np.int32)])).to(self.device)
+                self.segment_of_partial = to_device(
+                    np.concatenate(of_partial + [np.zeros(1, np.int32)]), self.device)
                 self.segment_versions = versions
             totals, flag = self.grad_norm_runner.run_segments(
                 self.triton_buckets, self.segment_of_partial, n_segments)
         else:
-            members = [m for b in self.triton_buckets + self.torch_buckets for m in b.members]
+            if getattr(self, "member_segments", None) is None:
+                self.member_segments = to_device(np.array(
+                    [m.segment for b in self.triton_buckets + self.torch_buckets
+                     for m in b.members], dtype=np.int64), self.device)
             grads = [g for grads in bucket_grads for g in grads]
-            totals, flag = segment_totals(grads, [m.segment for m in members], n_segments,
-                                          self.device, check_nonfinite)
+            totals, flag = segment_totals(grads, self.member_segments, n_segments, self.device,
+                                          check_nonfinite)
         total, flag = reduction.reduce(totals, flag, 2.0)
         norm = _distributed.finish_norm(total, 2.0, grad_scale)
         if found_inf is not None:

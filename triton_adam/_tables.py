@@ -41,6 +41,14 @@ def upload(host: Tensor, device_tensor: Tensor, keep_alive: list) -> None:
         keep_alive.append(pinned)
 
 
+def to_device(array: np.ndarray, device: torch.device) -> Tensor:
+    """A small host array as a new device tensor, copied without waiting for the device."""
+    host = torch.from_numpy(np.ascontiguousarray(array))
+    target = torch.empty(host.shape, dtype=host.dtype, device=device)
+    upload(host, target, [])  # outside capture the pinned buffer outlives the copy by itself
+    return target
+
+
 def build_block_map(blocks_per_tensor: np.ndarray) -> np.ndarray:
     """int32 ``[n_blocks, 2]``: (tensor index, block index in that tensor) for each program.
 

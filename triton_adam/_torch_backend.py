@@ -153,7 +153,8 @@ def grad_norm_and_nonfinite(grads, grad_scale, found_inf, device, check_nonfinit
 def segment_totals(grads, segments, n_segments, device, check_nonfinite=True, norm_type=2.0):
     """Per-segment totals of the grads' elements (float32 ``[n_segments]``: sums of |g|**p, max
     |g| for inf) and a non-finite flag (0-d float32), with torch ops, for the cross-rank
-    reduction of ``_distributed``."""
+    reduction of ``_distributed``. ``segments`` is an int64 device tensor: each grad's
+    segment."""
     totals = torch.zeros(n_segments, dtype=torch.float32, device=device)
     flag = torch.zeros((), dtype=torch.float32, device=device)
     if grads:
@@ -161,11 +162,10 @@ def segment_totals(grads, segments, n_segments, device, check_nonfinite=True, no
         norms = torch._foreach_norm([g.float() if g.dtype == torch.float64 else g for g in flat],
                                     norm_type)
         norms = torch.stack([n.to(device=device, dtype=torch.float32) for n in norms])
-        index = torch.tensor(segments, dtype=torch.int64, device=device)
         if norm_type == float("inf"):
-            totals.scatter_reduce_(0, index, norms, "amax")
+            totals.scatter_reduce_(0, segments, norms, "amax")
         else:
-            totals.index_add_(0, index, norms.pow(norm_type))
+            totals.index_add_(0, segments, norms.pow(norm_type))
         if check_nonfinite:
             flag = torch.stack([(~torch.isfinite(g)).any().to(device) for g in flat]).any()
             flag = flag.to(torch.float32)

@@ -149,18 +149,22 @@ def _refcount_in_loop(items, counts):
 
 
 def check_reachable(optimizer, grads_by_group) -> None:
-    """Raise for a param without a grad that nothing but the optimizer references any more.
+    """Raise for a stepped param without a grad that nothing but the optimizer references.
 
     Such a param was replaced by a new Parameter object (``load_state_dict(assign=True)``,
     FSDP2's ``reset_sharded_param``, model surgery): the model trains the new object, and this
     optimizer would silently never update it again. CPython only (reference counts); params
-    with grads are not checked (something produced their grads).
+    with grads are not checked (something produced their grads), nor params without state.
     """
     if not hasattr(sys, "getrefcount"):
         return
+    # only params that were stepped before: a param that never had a grad (a scheduler driven
+    # without a model, a frozen param) is nothing the optimizer could have trained stale
+    stepped = optimizer.state
     candidates = [(gi, pi, p) for gi, (group, grads) in enumerate(zip(optimizer.param_groups,
                                                                       grads_by_group))
-                  for pi, (p, g) in enumerate(zip(group["params"], grads)) if g is None]
+                  for pi, (p, g) in enumerate(zip(group["params"], grads))
+                  if g is None and stepped.get(p)]
     if not candidates:
         return
     probe = object()
@@ -177,9 +181,12 @@ def check_reachable(optimizer, grads_by_group) -> None:
             held[id(p)] = held.get(id(p), 0) + 1
     for p in optimizer.state:
         held[id(p)] = held.get(id(p), 0) + 1
-    for plan in getattr(optimizer, "_captured_plans", ()):
-        for member in plan.members:
-            held[id(member.param)] = held.get(id(member.param), 0) + 1
+    plans = {id(plan): plan for plan in getattr(optimizer, "_captured_plans", ())}
+    if getattr(optimizer, "_plan", None) is not None:
+        plans[id(optimizer._plan)] = optimizer._plan
+    for plan in plans.values():
+        for p in plan.param_references():
+            held[id(p)] = held.get(id(p), 0) + 1
     for (gi, pi, p), count in zip(candidates, counts[1:]):
         if count - baseline - 3 - held.get(id(p), 0) <= 0:
             raise RuntimeError(

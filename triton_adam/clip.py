@@ -8,6 +8,7 @@ from torch import Tensor
 from . import _distributed
 from ._grad_norm import NORM_CODES, NormSource, TritonGradNorm
 from ._plan import TRITON_PARAM_DTYPES, interpreter_enabled
+from ._tables import to_device
 from ._torch_backend import segment_totals
 
 
@@ -96,6 +97,9 @@ def _result_dtype(grads):
 
 def _clip_distributed(parameters, reduction, max_norm, norm_type, error_if_nonfinite):
     """The norm over every rank's shards, then each rank scales its local grads."""
+    if not (norm_type > 0):
+        raise ValueError(f"clip_grad_norm_ of DTensor grads takes norm_type > 0 or inf, got "
+                         f"{norm_type} (the norm is reduced across ranks from p-th powers)")
     with_grads = [p for p in parameters if p.grad is not None]
     device = parameters[0].device
     # norms of the grads as their params are placed (a Partial grad is reduced first); the
@@ -116,13 +120,15 @@ def _clip_distributed(parameters, reduction, max_norm, norm_type, error_if_nonfi
             source = NormSource.from_grads(grads)
             sources.append(source)
             of_partial.append(np.full(source.n_blocks, segment, dtype=np.int32))
-        of_partial = torch.from_numpy(np.concatenate(of_partial + [np.zeros(1, np.int32)]))
+        of_partial = to_device(np.concatenate(of_partial + [np.zeros(1, np.int32)]), device)
         runner = TritonGradNorm(sources, device=device)
-        totals, flag = runner.run_segments(sources, of_partial.to(device), n_segments,
-                                           norm_type)
+        totals, flag = runner.run_segments(sources, of_partial, n_segments, norm_type)
     else:
-        totals, flag = segment_totals(kept, [segments[i] for i in nonempty], n_segments,
-                                      device, check_nonfinite=False, norm_type=norm_type)
+        index = to_device(np.array([segments[i] for i in nonempty], dtype=np.int64), device)
+        # the non-finite flag keeps a NaN that a MAX all-reduce may drop (inf-norm)
+        totals, flag = segment_totals(kept, index, n_segments, device,
+                                      check_nonfinite=norm_type == float("inf"),
+                                      norm_type=norm_type)
     total, _ = reduction.reduce(totals, flag, norm_type)
     total_norm = _distributed.finish_norm(total, norm_type)
     if with_grads:

@@ -154,6 +154,11 @@ class _FusedAdamBase(torch.optim.Optimizer):
                 step = state["step"]
                 if not isinstance(step, Tensor):
                     step = torch.tensor(float(step))
+                if _distributed.is_dtensor(step):
+                    # a step that went through distribute_tensor (a resharded checkpoint):
+                    # the kernels read it by address, and a DTensor has none
+                    step = step.full_tensor()
+                    state["step"] = step
                 if step.dtype != torch.float32 or step.device != param.device or step.dim():
                     state["step"] = step.detach().to(dtype=torch.float32,
                                                      device=param.device).reshape(())
@@ -191,8 +196,6 @@ class _FusedAdamBase(torch.optim.Optimizer):
 
         New state is stored only once the plan is built, so a refused step leaves no trace.
         """
-        # first, while no local name of ours holds a param
-        _validation.check_reachable(self, grads_by_group)
         for gi, (group, grads) in enumerate(zip(self.param_groups, grads_by_group)):
             for pi, (param, grad) in enumerate(zip(group["params"], grads)):
                 _validation.check_param(gi, pi, param)
@@ -235,6 +238,11 @@ class _FusedAdamBase(torch.optim.Optimizer):
             with torch.enable_grad():
                 loss = closure()
         grads_by_group = [[p.grad for p in group["params"]] for group in self.param_groups]
+        if any(g is None for grads in grads_by_group for g in grads):
+            # at every step with a missing grad, not only when the tables change: a model
+            # whose params were all replaced leaves the tables as they were (no grads before
+            # and after)
+            _validation.check_reachable(self, grads_by_group)
         signature = self._signature(grads_by_group)
         needs_new_plan = (self._plan is None or self._plan.signature != signature
                           or not self._plan.state_unchanged(self))
@@ -246,8 +254,14 @@ class _FusedAdamBase(torch.optim.Optimizer):
             # A captured graph replays with this plan's device tables: keep them alive even if
             # a later eager step builds new ones.
             self._captured_plans.append(self._plan)
-        self._plan.run(self, grads_by_group, getattr(self, "grad_scale", None),
-                       getattr(self, "found_inf", None))
+        try:
+            self._plan.run(self, grads_by_group, getattr(self, "grad_scale", None),
+                           getattr(self, "found_inf", None))
+        except BaseException:
+            # a refused step (a bad grad, a failed collective) leaves no half-prepared plan:
+            # the next step checks everything again
+            self._plan = None
+            raise
         return loss
 
 
