@@ -146,17 +146,24 @@ def fsdp2_shard1_placement(rank, world_size, shared_dir):
                             backend, f"{backend}: ")
 
 
+def two_meshes_and_a_plain_bias(seed, world_size):
+    """Two copies of two_layer(seed): the second Linear on mesh "b", the first on mesh "a"
+    except its bias, a plain tensor (ignored_params). Also returns the meshes' process groups."""
+    mesh_a = init_device_mesh("cpu", (world_size,), mesh_dim_names=("a",))
+    mesh_b = init_device_mesh("cpu", (world_size,), mesh_dim_names=("b",))
+    base = two_layer(seed)
+    model, ref_model = copy.deepcopy(base), copy.deepcopy(base)
+    for m in (model, ref_model):
+        fully_shard(m[2], mesh=mesh_b)
+        fully_shard(m, mesh=mesh_a, ignored_params={m[0].bias})
+    return model, ref_model, {mesh_a.get_group(0), mesh_b.get_group(0)}
+
+
 def mixed_tensor_and_dtensor_group(rank, world_size, shared_dir):
     """One group holding plain tensors (ignored_params) and DTensors of two meshes: torch's
     fused and foreach refuse that; the reference steps each kind in a group of its own."""
-    mesh_a = init_device_mesh("cpu", (world_size,), mesh_dim_names=("a",))
-    mesh_b = init_device_mesh("cpu", (world_size,), mesh_dim_names=("b",))
     for backend in BACKENDS:
-        base = two_layer(2)
-        model, ref_model = copy.deepcopy(base), copy.deepcopy(base)
-        for m in (model, ref_model):
-            fully_shard(m[2], mesh=mesh_b)
-            fully_shard(m, mesh=mesh_a, ignored_params={m[0].bias})
+        model, ref_model, _ = two_meshes_and_a_plain_bias(2, world_size)
         assert not isinstance(model[0].bias, DTensor)
         assert model[0].weight.device_mesh != model[2].weight.device_mesh
 
@@ -264,15 +271,8 @@ def clip_matches_torch_on_1d_mesh(rank, world_size, shared_dir):
 def clip_over_meshes_and_plain_tensors(rank, world_size, shared_dir):
     """Fused clip over one group of plain tensors (ignored_params) and DTensors of two meshes:
     torch's clip_grad_norm_ refuses that; the reference norm comes from the full tensors."""
-    mesh_a = init_device_mesh("cpu", (world_size,), mesh_dim_names=("a",))
-    mesh_b = init_device_mesh("cpu", (world_size,), mesh_dim_names=("b",))
     for backend in BACKENDS:
-        base = two_layer(16)
-        model, ref_model = copy.deepcopy(base), copy.deepcopy(base)
-        for m in (model, ref_model):
-            fully_shard(m[2], mesh=mesh_b)
-            fully_shard(m, mesh=mesh_a, ignored_params={m[0].bias})
-        groups = {mesh_a.get_group(0), mesh_b.get_group(0)}
+        model, ref_model, groups = two_meshes_and_a_plain_bias(16, world_size)
         _clip_against_torch(model, ref_model, backend, 0.05, len(groups),
                             f"{backend} mixed", data_rank=0)
 
