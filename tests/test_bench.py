@@ -383,7 +383,8 @@ def test_rows_carry_versions_held_bytes_and_ratio_to_ours(small_copy):
     for dtype in ("fp32", "bf16"):
         ours, fused = rows[("triton-adam", dtype)], rows[("fused", dtype)]
         assert ours["speedup_vs_triton_adam"] == pytest.approx(1.0)
-        assert fused["speedup_vs_triton_adam"] == pytest.approx(ours["median_ms"] / fused["median_ms"])
+        assert fused["speedup_vs_triton_adam"] == pytest.approx(
+            ours["median_ms"] / fused["median_ms"])
 
 
 # ------------------------------------------------------------------ report

@@ -56,7 +56,8 @@ class Provider:
     low_precision_only: bool = False  # a bf16/fp16 technique: fp32 params would repeat another row
     fused_clip: bool = False  # clips inside its own step (max_grad_norm=); else torch clips first
 
-    def unsupported_reason(self, cfg: OptimConfig, dtype: Optional[torch.dtype] = None) -> Optional[str]:
+    def unsupported_reason(self, cfg: OptimConfig,
+                           dtype: Optional[torch.dtype] = None) -> Optional[str]:
         """Why this provider has no row for the case (an API fact, not a device guess), or None."""
         if cfg.amsgrad and not self.supports_amsgrad:
             return "no amsgrad option"
@@ -107,6 +108,8 @@ def _load_te(cfg: OptimConfig) -> Factory:
 
 
 def _optimi_loader(kahan_sum: bool) -> Callable[[OptimConfig], Factory]:
+    """optimi with Kahan summation on or off: on, it keeps a Kahan buffer per bf16/fp16 param
+    (the "optimi-kahan" row); off, its bytes compare like for like with torch's."""
     def load(cfg: OptimConfig) -> Factory:
         import optimi
 
@@ -131,7 +134,8 @@ def _load_heavyball(cfg: OptimConfig) -> Factory:
     return lambda params, c: heavyball.AdamW(params, consume_grad=False, **_common(c))
 
 
-def _torchao_loader(adamw: str, adam: Optional[str], **flags: Any) -> Callable[[OptimConfig], Factory]:
+def _torchao_loader(adamw: str, adam: Optional[str],
+                    **flags: Any) -> Callable[[OptimConfig], Factory]:
     """torchao.optim's class ``adamw`` (``adam`` for Adam; None: it has no Adam class)."""
     def load(cfg: OptimConfig) -> Factory:
         mod = importlib.import_module("torchao.optim")
@@ -164,8 +168,8 @@ PROVIDERS: List[Provider] = [
              low_precision_only=True),
     Provider("flashoptim", "flashoptim FlashAdamW (compressed states, 24-bit master)",
              _load_flashoptim, "flashoptim", bytes_source="state", supports_amsgrad=False),
-    Provider("heavyball", "heavyball.AdamW (consume_grad=False)", _load_heavyball, "heavyball", bytes_source="state",
-             supports_amsgrad=False, supports_adam=False),
+    Provider("heavyball", "heavyball.AdamW (consume_grad=False)", _load_heavyball, "heavyball",
+             bytes_source="state", supports_amsgrad=False, supports_adam=False),
     Provider("torchao-8bit", "torchao.optim AdamW8bit (blockwise 8-bit states)",
              _torchao_loader("AdamW8bit", "Adam8bit"), "torchao", bytes_source="state"),
     Provider("torchao-4bit", "torchao.optim AdamW4bit (blockwise 4-bit states)",
@@ -241,7 +245,8 @@ def load_factory(provider: Provider, cfg: OptimConfig) -> "tuple[Optional[Factor
         return None, f"{type(exc).__name__}: {exc}"
 
 
-def build(name: str, params: Iterable[Any], cfg: OptimConfig = OptimConfig()) -> torch.optim.Optimizer:
+def build(name: str, params: Iterable[Any],
+          cfg: OptimConfig = OptimConfig()) -> torch.optim.Optimizer:
     """Provider ``name``'s optimizer over ``params`` (tensors or param groups), configured by
     ``cfg``: the same peers, wired the same way, for code other than the benchmark (the
     experiments' side-by-side curves). Raises ValueError for an unknown name or a case the
