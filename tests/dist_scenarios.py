@@ -658,3 +658,45 @@ def swapped_shards_are_followed(rank, world_size, shared_dir):
                                 f"{backend} after swap: ")
     finally:
         torch.__future__.set_swap_module_params_on_conversion(previous)
+
+
+def ranks_with_only_empty_shards_or_no_grads_join(rank, world_size, shared_dir):
+    """Linear(3, 1) on 2 ranks: rank 1 holds only empty shards; then a step where rank 1 has
+    no grads at all. Every rank joins the clip's all-reduces (or the others would hang), the
+    norm is the whole model's, and every rank agrees on it and on the skip."""
+    for backend in BACKENDS:
+        torch.manual_seed(17)
+        base = nn.Linear(3, 1)
+        model, ref_model = copy.deepcopy(base), copy.deepcopy(base)
+        for m in (model, ref_model):
+            fully_shard(m)
+        if world_size == 2:
+            assert (local(model.weight).numel() == 0) == (rank == 1)
+        opt = triton_adam.AdamW(model.parameters(), lr=0.05, backend=backend,
+                                max_grad_norm=0.01, skip_nonfinite=True)
+        ref = torch.optim.AdamW(ref_model.parameters(), lr=0.05, fused=True)
+        x = torch.randn(4, 3, generator=torch.Generator().manual_seed(rank))
+        for m in (model, ref_model):
+            m(x).square().mean().backward()
+        opt.step()
+        full = torch.cat([p.grad.full_tensor().flatten() for p in ref_model.parameters()])
+        norm = torch.linalg.vector_norm(full)
+        torch.testing.assert_close(opt.last_grad_norm, norm, rtol=1e-5, atol=0)
+        torch.nn.utils.clip_grad_norm_(ref_model.parameters(), 0.01)
+        ref.step()
+        for p, q in zip(model.parameters(), ref_model.parameters()):
+            torch.testing.assert_close(local(p), local(q), rtol=2e-5, atol=1e-6)
+        # no grads on the last rank this time: it still joins, and sees rank 0's norm
+        opt.zero_grad()
+        for p in model.parameters():
+            if rank != world_size - 1:
+                g = torch.full_like(local(p), 2.0)
+                p.grad = DTensor.from_local(g, p.device_mesh, p.placements, shape=p.shape,
+                                            stride=p.stride())
+        opt.step()
+        expected = torch.tensor(2.0 * (sum(local(p).numel() for p in model.parameters())
+                                       if rank != world_size - 1 else 0.0))
+        dist.all_reduce(expected)  # sum of 4*numel over ranks with grads, then the root
+        torch.testing.assert_close(opt.last_grad_norm, (2.0 * expected).sqrt(), rtol=1e-6,
+                                   atol=0)
+        assert not bool(opt.last_step_skipped)

@@ -26,6 +26,7 @@ WORLD_2 = [
     "clip_over_meshes_and_plain_tensors",
     "clip_grad_norm_function_on_dtensors",
     "inf_on_one_rank_skips_everywhere",
+    "ranks_with_only_empty_shards_or_no_grads_join",
     "replaced_parameter_raises",
     "swapped_shards_are_followed",
     "dcp_warmup_leaves_params_unchanged",
