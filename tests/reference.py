@@ -10,9 +10,10 @@ class ReferenceAdam:
     """Adam/AdamW on float64 copies of ``params``; ``storage_dtype`` is what params/states hold."""
 
     def __init__(self, params, storage_dtype, lr, betas, eps, weight_decay, amsgrad, maximize,
-                 decoupled):
+                 decoupled, state_dtype=None):
         self.params = [p.detach().to(torch.float64) for p in params]
         self.storage_dtype = storage_dtype
+        self.state_dtype = state_dtype or storage_dtype
         self.lr, (self.beta1, self.beta2), self.eps = lr, betas, eps
         self.weight_decay, self.amsgrad, self.maximize = weight_decay, amsgrad, maximize
         self.decoupled = decoupled
@@ -21,10 +22,11 @@ class ReferenceAdam:
         self.max_exp_avg_sq = [torch.zeros_like(p) for p in self.params]
         self.step_count = 0
 
-    def _store(self, value):
-        if self.storage_dtype.is_complex:
+    def _store(self, value, dtype=None):
+        dtype = dtype or self.storage_dtype
+        if dtype.is_complex:
             return value
-        return value.to(self.storage_dtype).to(torch.float64)
+        return value.to(dtype).to(torch.float64)
 
     def step(self, grads):
         self.step_count += 1
@@ -50,9 +52,9 @@ class ReferenceAdam:
             second = v
             if self.amsgrad:
                 second = torch.maximum(self.max_exp_avg_sq[i], v)
-                self.max_exp_avg_sq[i] = self._store(second)
+                self.max_exp_avg_sq[i] = self._store(second, self.state_dtype)
             denom = second.sqrt() / bias_correction2_sqrt + self.eps
             p = p - (self.lr / bias_correction1) * m / denom
             self.params[i] = self._store(p)
-            self.exp_avg[i] = self._store(m)
-            self.exp_avg_sq[i] = self._store(v)
+            self.exp_avg[i] = self._store(m, self.state_dtype)
+            self.exp_avg_sq[i] = self._store(v, self.state_dtype)

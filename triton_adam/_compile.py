@@ -83,7 +83,8 @@ def init_group(optimizer, group, params, grads, exp_avgs, exp_avg_sqs, max_exp_a
     for each in optimizer.param_groups:
         for param in each["params"]:
             if param.grad is not None:
-                _init_state(optimizer, param, bool(each["amsgrad"]))
+                _init_state(optimizer, param, bool(each["amsgrad"]),
+                            _validation.state_dtype_for(each, param))
     _ensure_result_buffers(optimizer)
     for param in group["params"]:
         if param.grad is None:
@@ -99,21 +100,24 @@ def init_group(optimizer, group, params, grads, exp_avgs, exp_avg_sqs, max_exp_a
     return False
 
 
-def _init_state(optimizer, param, amsgrad: bool) -> None:
+def _init_state(optimizer, param, amsgrad: bool, state_dtype) -> None:
     """Create the param's missing state, as an eager step does, in the layout the kernels use."""
     state = optimizer.state.get(param)
     if not state:
         from .optimizer import _initial_state
-        state = optimizer.state[param] = _initial_state(param, amsgrad)
+        state = optimizer.state[param] = _initial_state(param, amsgrad, state_dtype)
     elif amsgrad and "max_exp_avg_sq" not in state:
         # amsgrad switched on mid-training: start its maximum from zero (as eager steps do)
-        state["max_exp_avg_sq"] = torch.zeros_like(param, memory_format=torch.preserve_format)
+        state["max_exp_avg_sq"] = torch.zeros_like(param, dtype=state_dtype,
+                                                   memory_format=torch.preserve_format)
     for key in ("exp_avg", "exp_avg_sq", "max_exp_avg_sq"):
         # the kernels index states with the param's strides: a loaded state gets them here,
         # where the optimizer's own state can be replaced (a value-preserving copy)
         value = state.get(key)
+        if value is not None and value.dtype != state_dtype:
+            state[key] = value = value.to(state_dtype)  # torch's load cast them to the param's
         if value is not None and value.stride() != param.stride() and param.numel() > 1:
-            state[key] = torch.empty_like(param).copy_(value)
+            state[key] = torch.empty_like(param, dtype=state_dtype).copy_(value)
 
 
 def _ensure_result_buffers(optimizer) -> None:

@@ -73,11 +73,13 @@ def local_grad(param: Tensor, grad: Tensor, describe) -> Tensor:
     return grad._local_tensor
 
 
-def zeros_like(param: Tensor) -> Tensor:
-    """Zero state for ``param``: a DTensor with its mesh and placements for a DTensor param."""
+def zeros_like(param: Tensor, dtype=None) -> Tensor:
+    """Zero state for ``param`` (in ``dtype``, default the param's): a DTensor with its mesh
+    and placements for a DTensor param."""
     if not is_dtensor(param):
-        return torch.zeros_like(param, memory_format=torch.preserve_format)
-    shard = torch.zeros_like(param._local_tensor, memory_format=torch.preserve_format)
+        return torch.zeros_like(param, dtype=dtype, memory_format=torch.preserve_format)
+    shard = torch.zeros_like(param._local_tensor, dtype=dtype,
+                             memory_format=torch.preserve_format)
     return DTensor.from_local(shard, param.device_mesh, param.placements, run_check=False,
                               shape=param.shape, stride=param.stride())
 
@@ -96,7 +98,7 @@ def adopt_state(what: str, key: str, param: Tensor, value: Tensor) -> Tensor:
     if not is_dtensor(value):
         if value.shape != param.shape:
             return value  # refused with the shapes by _validation.check_state
-        value = value.to(device=param.device, dtype=param.dtype)
+        value = value.to(device=param.device)
         # src_data_rank=None: every rank holds the full tensor and keeps its own shard (no
         # collective); the sharding rule is DTensor's own, uneven and strided shards included.
         return distribute_tensor(value.detach(), param.device_mesh, param.placements,

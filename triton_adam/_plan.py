@@ -190,6 +190,7 @@ class TritonBucket:
         self.index = [(m.group_index, m.position) for m in members]
         n = len(members)
         dtype = members[0].flat_param.dtype
+        state_dtype = members[0].flat(members[0].state["exp_avg"]).dtype
         table = np.zeros((max(n, 1), int(K.TABLE_WIDTH)), dtype=np.int64)
         for row, m in enumerate(members):
             s = m.state
@@ -227,7 +228,7 @@ class TritonBucket:
         self._keep_alive = []
         self.spec = dict(
             PARAM_DTYPE=triton_dtype(dtype), GRAD_DTYPE=triton_dtype(dtype),
-            STATE_DTYPE=triton_dtype(dtype), AMSGRAD=amsgrad,
+            STATE_DTYPE=triton_dtype(state_dtype), AMSGRAD=amsgrad,
         )
 
     def prepare(self, grads) -> None:
@@ -306,14 +307,15 @@ class StepPlan:
                 backend = choose_backend(optimizer.backend, param.device, param.dtype,
                                          _validation.describe(gi, pi, param))
                 state = states[param]
-                _validation.check_state(gi, pi, param, state, amsgrad)
+                state_dtype = _validation.state_dtype_for(group, param)
+                _validation.check_state(gi, pi, param, state, amsgrad, state_dtype)
                 member = Member.of(gi, pi, param, state)
                 member.segment = self.norm_reduction.segment_index(param)
                 _check_state_layout(member, amsgrad)
                 member.keep(("step",) + state_key_names(amsgrad))
                 # Hyperparameters and the decoupled/maximize flags are per tensor in the Triton
                 # launch; torch's fused kernels take them per call, hence per group.
-                key = (backend, param.device, member.flat_param.dtype, amsgrad)
+                key = (backend, param.device, (member.flat_param.dtype, state_dtype), amsgrad)
                 if backend == "torch":
                     key = key + (gi, decoupled, maximize)
                 members_by_key.setdefault(key, []).append(member)
@@ -513,6 +515,6 @@ def _check_state_layout(member: Member, amsgrad: bool) -> None:
         value = member.state[key]
         _distributed.check_local_layout(what, key, member.param, value)
         if local(value).stride() != member.stride and member.numel > 1:
-            value = _distributed.zeros_like(member.param)
+            value = _distributed.zeros_like(member.param, value.dtype)
             local(value).copy_(local(member.state[key]))
             member.state[key] = value

@@ -33,13 +33,17 @@ class TorchBucket:
         self.max_exp_avg_sqs = ([m.flat(m.state["max_exp_avg_sq"]) for m in members]
                                 if amsgrad else [])
         self.steps = [m.state["step"] for m in members]
+        # moments held in another dtype than the params: torch's CPU fused kernel refuses that,
+        # so these go through the float32 math, the Triton kernel's arithmetic
+        self.mixed_state = any(m.state["exp_avg"].dtype != m.param.dtype for m in members)
 
     def launch(self, grads, group, grad_scale, found_inf, clip):
         """One step; ``clip`` is a 0-d float32 clip factor or None."""
         grads = [_flat(g) for g in grads]
         default_formulas = (group.get("eps_mode", "torch") == "torch"
                             and group.get("bias_correction", True)
-                            and group.get("weight_decay_mode", "torch") == "torch")
+                            and group.get("weight_decay_mode", "torch") == "torch"
+                            and not self.mixed_state)
         if default_formulas:
             if clip is not None:
                 # torch's fused kernel divides the grads by grad_scale: fold the clip factor in.

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import sys
 
+import torch
 from torch import Tensor
 
 from . import _distributed
@@ -51,6 +52,27 @@ def check_formulation(eps_mode, weight_decay_mode):
     if weight_decay_mode not in ("torch", "schedule"):
         raise ValueError(f"weight_decay_mode must be 'torch' or 'schedule', got "
                          f"{weight_decay_mode!r}")
+
+
+STATE_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
+
+
+def check_state_dtype(state_dtype) -> None:
+    """Raise ValueError for a state_dtype the kernels cannot hold moments in."""
+    if state_dtype is not None and state_dtype not in STATE_DTYPES:
+        raise ValueError(f"state_dtype must be None (the param's dtype) or one of "
+                         f"{[str(d) for d in STATE_DTYPES]}, got {state_dtype!r}")
+
+
+def state_dtype_for(group: dict, param: Tensor, what: str = "a param"):
+    """The dtype of ``param``'s exp_avg / exp_avg_sq / max_exp_avg_sq in ``group``."""
+    state_dtype = group.get("state_dtype")
+    if state_dtype is None:
+        return param.dtype
+    if param.dtype not in STATE_DTYPES:
+        raise TypeError(f"{what}: state_dtype={state_dtype} applies to float32, bfloat16 and "
+                        f"float16 params, not {param.dtype}")
+    return state_dtype
 
 
 def describe(group_index: int, position: int, param: Tensor) -> str:
@@ -103,8 +125,11 @@ def check_grad(group_index: int, position: int, param: Tensor, grad: Tensor) -> 
         raise RuntimeError(f"{what}: grad is on {grad.device}, expected {param.device}")
 
 
-def check_state(group_index: int, position: int, param: Tensor, state: dict, amsgrad: bool):
-    """Raise if a (possibly loaded) state entry does not fit its param."""
+def check_state(group_index: int, position: int, param: Tensor, state: dict, amsgrad: bool,
+                state_dtype=None):
+    """Raise if a (possibly loaded) state entry does not fit its param (moments in
+    ``state_dtype``, default the param's dtype)."""
+    state_dtype = state_dtype or param.dtype
     what = describe(group_index, position, param)
     keys = ["exp_avg", "exp_avg_sq"] + (["max_exp_avg_sq"] if amsgrad else [])
     for key in ["step"] + keys:
@@ -124,9 +149,9 @@ def check_state(group_index: int, position: int, param: Tensor, state: dict, ams
         if value.device != param.device:
             raise RuntimeError(f"{what}: state '{key}' is on {value.device}, expected "
                                f"{param.device}")
-        if value.dtype != param.dtype:
+        if value.dtype != state_dtype:
             raise TypeError(f"{what}: state '{key}' has dtype {value.dtype}, expected "
-                            f"{param.dtype}")
+                            f"{state_dtype}")
 
 
 def check_no_overlap(tensors, names) -> None:

@@ -47,6 +47,13 @@ _COMMON_DOC = """
             multiplier ``eta_t = lr / initial_lr`` (the AdamW paper's Algorithm 2 and
             keras-adamw), where ``initial_lr`` is the group's lr as torch's lr schedulers record
             it (without a scheduler, ``eta_t = 1``).
+        state_dtype (torch.dtype, optional): hold ``exp_avg``, ``exp_avg_sq`` (and
+            ``max_exp_avg_sq``) in torch.float32, torch.bfloat16 or torch.float16 whatever the
+            param dtype (float32/bfloat16/float16 params); the math stays float32 and each
+            stored value is rounded once (to nearest even). ``torch.bfloat16`` for float32
+            params halves the state (8 -> 4 bytes per param; what torch's CUDA fused AdamW does
+            when the states are created bfloat16). None (default): the param's dtype, as torch.
+            Loaded moments are rounded to it once.
         backend ("auto", "triton" or "torch"): "auto" runs the Triton kernels on CUDA tensors
             (and on CPU tensors when ``TRITON_INTERPRET=1``), torch's fused kernels elsewhere or
             for float64 params; "triton" and "torch" force one, with a clear error where it
@@ -64,12 +71,14 @@ _COMMON_DOC = """
 class _FusedAdamBase(torch.optim.Optimizer):
     def __init__(self, params, lr, betas, eps, weight_decay, amsgrad, *, foreach, maximize,
                  capturable, differentiable, fused, decoupled_weight_decay, backend,
-                 max_grad_norm, skip_nonfinite, eps_mode, bias_correction, weight_decay_mode):
+                 max_grad_norm, skip_nonfinite, eps_mode, bias_correction, weight_decay_mode,
+                 state_dtype):
         if backend not in BACKENDS:
             raise ValueError(f"backend must be one of {BACKENDS}, got {backend!r}")
         if max_grad_norm is not None and not max_grad_norm > 0:
             raise ValueError(f"Invalid max_grad_norm: {max_grad_norm} (must be > 0 or None)")
         _validation.check_formulation(eps_mode, weight_decay_mode)
+        _validation.check_state_dtype(state_dtype)
         self.max_grad_norm = max_grad_norm
         self.skip_nonfinite = bool(skip_nonfinite)
         self.last_grad_norm = None
@@ -87,7 +96,8 @@ class _FusedAdamBase(torch.optim.Optimizer):
                         maximize=maximize, foreach=foreach, capturable=capturable,
                         differentiable=False, fused=fused,
                         decoupled_weight_decay=decoupled_weight_decay, eps_mode=eps_mode,
-                        bias_correction=bias_correction, weight_decay_mode=weight_decay_mode)
+                        bias_correction=bias_correction, weight_decay_mode=weight_decay_mode,
+                        state_dtype=state_dtype)
         super().__init__(params, defaults)
         # GradScaler hands us grad_scale/found_inf instead of unscaling and syncing itself.
         self._step_supports_amp_scaling = True
@@ -101,6 +111,7 @@ class _FusedAdamBase(torch.optim.Optimizer):
         _validation.check_hyperparameters(merged["lr"], merged["betas"], merged["eps"],
                                           merged["weight_decay"])
         _validation.check_formulation(merged["eps_mode"], merged["weight_decay_mode"])
+        _validation.check_state_dtype(merged.get("state_dtype"))
         if "betas" in param_group:
             param_group["betas"] = tuple(map(_validation.to_scalar, param_group["betas"]))
         super().add_param_group(param_group)
@@ -126,7 +137,7 @@ class _FusedAdamBase(torch.optim.Optimizer):
                                  ("capturable", False), ("differentiable", False),
                                  ("fused", None), ("decoupled_weight_decay", False),
                                  ("eps_mode", "torch"), ("bias_correction", True),
-                                 ("weight_decay_mode", "torch")):
+                                 ("weight_decay_mode", "torch"), ("state_dtype", None)):
                 group.setdefault(key, default)
         self._normalize_steps()
         self._invalidate_plan()
@@ -208,13 +219,16 @@ class _FusedAdamBase(torch.optim.Optimizer):
                 if grad is None:
                     continue
                 state = self.state.get(param)
+                state_dtype = _validation.state_dtype_for(
+                    group, param, _validation.describe(gi, pi, param))
                 if not state:
-                    state = new_states[param] = _initial_state(param, group["amsgrad"])
+                    state = new_states[param] = _initial_state(param, group["amsgrad"],
+                                                               state_dtype)
                 elif group["amsgrad"] and "max_exp_avg_sq" not in state:
                     # amsgrad switched on mid-training: start its maximum from zero.
                     state = new_states[param] = dict(
-                        state, max_exp_avg_sq=_distributed.zeros_like(param))
-                adopted = _adopt_loaded_state(gi, pi, param, state)
+                        state, max_exp_avg_sq=_distributed.zeros_like(param, state_dtype))
+                adopted = _adopt_loaded_state(gi, pi, param, state, state_dtype)
                 if adopted is not state:
                     state = new_states[param] = adopted
                 states[param] = state
@@ -265,22 +279,33 @@ class _FusedAdamBase(torch.optim.Optimizer):
         return loss
 
 
-def _initial_state(param: Tensor, amsgrad: bool) -> dict:
+def _initial_state(param: Tensor, amsgrad: bool, state_dtype=None) -> dict:
+    """Zero moments in ``state_dtype`` (default the param's) and a 0-d float32 step."""
     # step is a plain 0-d tensor also for DTensor params, as torch keeps it
     state = {"step": torch.zeros((), dtype=torch.float32, device=param.device)}
     for key in state_key_names(amsgrad):
-        state[key] = _distributed.zeros_like(param)
+        state[key] = _distributed.zeros_like(param, state_dtype)
     return state
 
 
-def _adopt_loaded_state(group_index: int, position: int, param: Tensor, state: dict) -> dict:
-    """The state with its tensors in the form kept for ``param`` (DTensor states for DTensor
-    params): the same dict when nothing changes, else a new one (stored once the plan is built).
+def _adopt_loaded_state(group_index: int, position: int, param: Tensor, state: dict,
+                        state_dtype) -> dict:
+    """The state with its tensors in the form kept for ``param``: DTensor states for DTensor
+    params, moments in ``state_dtype`` (torch's load_state_dict casts them to the param's
+    dtype; a torch checkpoint's float32 moments are rounded once here). The same dict when
+    nothing changes, else a new one (stored once the plan is built).
     """
     what = _validation.describe(group_index, position, param)
-    adopted = {key: (_distributed.adopt_state(what, key, param, value)
-                     if key != "step" and isinstance(value, Tensor) else value)
-               for key, value in state.items()}
+
+    def adopt(key, value):
+        if key == "step" or not isinstance(value, Tensor):
+            return value
+        value = _distributed.adopt_state(what, key, param, value)
+        if value.dtype != state_dtype and value.is_floating_point():
+            value = value.to(state_dtype)
+        return value
+
+    adopted = {key: adopt(key, value) for key, value in state.items()}
     if all(adopted[key] is state[key] for key in state):
         return state
     return adopted
@@ -294,14 +319,14 @@ class Adam(_FusedAdamBase):
                  amsgrad=False, *, foreach=None, maximize=False, capturable=False,
                  differentiable=False, fused=None, decoupled_weight_decay=False,
                  backend="auto", max_grad_norm=None, skip_nonfinite=False, eps_mode="torch",
-                 bias_correction=True, weight_decay_mode="torch"):
+                 bias_correction=True, weight_decay_mode="torch", state_dtype=None):
         super().__init__(params, lr, betas, eps, weight_decay, amsgrad, foreach=foreach,
                          maximize=maximize, capturable=capturable,
                          differentiable=differentiable, fused=fused,
                          decoupled_weight_decay=decoupled_weight_decay, backend=backend,
                          max_grad_norm=max_grad_norm, skip_nonfinite=skip_nonfinite,
                          eps_mode=eps_mode, bias_correction=bias_correction,
-                         weight_decay_mode=weight_decay_mode)
+                         weight_decay_mode=weight_decay_mode, state_dtype=state_dtype)
 
 
 class AdamW(_FusedAdamBase):
@@ -312,14 +337,14 @@ class AdamW(_FusedAdamBase):
                  amsgrad=False, *, maximize=False, foreach=None, capturable=False,
                  differentiable=False, fused=None, backend="auto", max_grad_norm=None,
                  skip_nonfinite=False, eps_mode="torch", bias_correction=True,
-                 weight_decay_mode="torch"):
+                 weight_decay_mode="torch", state_dtype=None):
         super().__init__(params, lr, betas, eps, weight_decay, amsgrad, foreach=foreach,
                          maximize=maximize, capturable=capturable,
                          differentiable=differentiable, fused=fused,
                          decoupled_weight_decay=True, backend=backend,
                          max_grad_norm=max_grad_norm, skip_nonfinite=skip_nonfinite,
                          eps_mode=eps_mode, bias_correction=bias_correction,
-                         weight_decay_mode=weight_decay_mode)
+                         weight_decay_mode=weight_decay_mode, state_dtype=state_dtype)
 
     def __setstate__(self, state: dict) -> None:
         super().__setstate__(state)
