@@ -32,7 +32,7 @@ def test_every_specialisation_compiles(reports):
     counts = {}
     for r in reports:
         counts[r["name"]] = counts.get(r["name"], 0) + 1
-    assert counts == {"adam_coefficients_kernel": 4, "adam_step_kernel": 3 * 3 * 2 * 3 * 2,
+    assert counts == {"adam_coefficients_kernel": 4, "adam_step_kernel": 12 * 2 * 3 * 2,
                       "grad_norm_partials_kernel": 3 * 3 * 2, "grad_norm_finalize_kernel": 3 * 3,
                       "grad_norm_segments_kernel": 3}
     assert all(r["ptx_bytes"] > 0 and r["registers"] > 0 for r in reports)

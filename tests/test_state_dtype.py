@@ -9,7 +9,7 @@ from conftest import DEVICE_BACKENDS, backends_on
 from reference import ReferenceAdam
 
 DTYPES = [torch.float32, torch.bfloat16, torch.float16]
-MIXED = [(p, s) for p, s in itertools.product(DTYPES, DTYPES) if p != s]
+MIXED = [(p, s) for p, s in itertools.product(DTYPES, DTYPES[:2]) if p != s]
 IDS = [f"{str(p)[6:]}-{str(s)[6:]}" for p, s in MIXED]
 SHAPES = [(), (7,), (4096 + 5,), (33, 17), (0,)]
 STEPS = 8
@@ -119,7 +119,7 @@ def test_skipped_step_keeps_low_precision_moments(device, backend):
             assert torch.equal(opt.state[p][key], value), key
 
 
-@pytest.mark.parametrize("bad", ["int8", torch.int8, torch.float64, "bfloat16"])
+@pytest.mark.parametrize("bad", ["int8", torch.int8, torch.float64, torch.float16, "bfloat16"])
 def test_unknown_state_dtype_is_refused(bad):
     p = torch.nn.Parameter(torch.ones(3))
     with pytest.raises(ValueError, match="state_dtype"):

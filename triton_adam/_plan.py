@@ -72,6 +72,7 @@ class Member:
     # through a stale address
     state_tensors: tuple = ()
     segment: int = 0  # the grad-norm segment (see _distributed.NormReduction)
+    grad_dtype: torch.dtype = None  # the param's dtype, or float32 grads of 16-bit params
 
     @classmethod
     def of(cls, group_index, position, param, state):
@@ -86,6 +87,12 @@ class Member:
 
     def describe(self) -> str:
         return _validation.describe(self.group_index, self.position, self.param)
+
+    @property
+    def flat_grad_dtype(self) -> torch.dtype:
+        """The grad dtype as the kernels read it (real for complex)."""
+        dtype = self.grad_dtype or self.dtype
+        return dtype.to_real() if dtype.is_complex else dtype
 
     @staticmethod
     def flat(tensor: Tensor) -> Tensor:
@@ -227,7 +234,8 @@ class TritonBucket:
         self.grad_ptrs = None
         self._keep_alive = []
         self.spec = dict(
-            PARAM_DTYPE=triton_dtype(dtype), GRAD_DTYPE=triton_dtype(dtype),
+            PARAM_DTYPE=triton_dtype(dtype),
+            GRAD_DTYPE=triton_dtype(members[0].flat_grad_dtype),
             STATE_DTYPE=triton_dtype(state_dtype), AMSGRAD=amsgrad,
         )
 
@@ -311,11 +319,13 @@ class StepPlan:
                 _validation.check_state(gi, pi, param, state, amsgrad, state_dtype)
                 member = Member.of(gi, pi, param, state)
                 member.segment = self.norm_reduction.segment_index(param)
+                member.grad_dtype = grad.dtype
                 _check_state_layout(member, amsgrad)
                 member.keep(("step",) + state_key_names(amsgrad))
                 # Hyperparameters and the decoupled/maximize flags are per tensor in the Triton
                 # launch; torch's fused kernels take them per call, hence per group.
-                key = (backend, param.device, (member.flat_param.dtype, state_dtype), amsgrad)
+                dtypes = (member.flat_param.dtype, state_dtype, grad.dtype)
+                key = (backend, param.device, dtypes, amsgrad)
                 if backend == "torch":
                     key = key + (gi, decoupled, maximize)
                 members_by_key.setdefault(key, []).append(member)
@@ -482,14 +492,22 @@ def _on_device(tensor, device):
     return tensor.to(device=device, dtype=torch.float32, non_blocking=device.type == "cuda")
 
 
+class GradDtypeChanged(Exception):
+    """A grad's dtype is not the one the tables were built for (float32 grads of a 16-bit
+    param this step, its own dtype before): raised before any launch; the step builds anew."""
+
+
 def _gather_grads(bucket, grads_by_group) -> list:
     """This step's grads (local shards) for the bucket's members, checked before any launch."""
     grads = []
     for member, (gi, pi) in zip(bucket.members, bucket.index):
         grad = grads_by_group[gi][pi]
         shard = _distributed.local_grad(member.param, grad, member.describe)
+        if shard.dtype is not member.grad_dtype and shard.dtype in (member.dtype, torch.float32):
+            _validation.check_grad(gi, pi, member.param, grad)
+            raise GradDtypeChanged()  # the launch specialises on it: the step builds anew
         # get_device(): an int, far cheaper than building torch.device objects per grad
-        if (shard.dtype is not member.dtype or shard.layout is not torch.strided
+        if (shard.dtype is not member.grad_dtype or shard.layout is not torch.strided
                 or shard.numel() != member.numel
                 or shard.get_device() != member.flat_param.get_device()):
             _validation.check_grad(gi, pi, member.param, grad)
@@ -504,7 +522,7 @@ def _kernel_grad(member: Member, grad: Tensor) -> Tensor:
     if member.dtype.is_complex and grad.is_conj():
         grad = grad.resolve_conj()  # the kernels read memory; a lazy conjugate is not in it
     if grad.stride() != member.stride and member.numel > 1:
-        grad = torch.empty_like(local(member.param)).copy_(grad)
+        grad = torch.empty_like(local(member.param), dtype=grad.dtype).copy_(grad)
     return grad
 
 

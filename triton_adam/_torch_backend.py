@@ -43,7 +43,7 @@ class TorchBucket:
         default_formulas = (group.get("eps_mode", "torch") == "torch"
                             and group.get("bias_correction", True)
                             and group.get("weight_decay_mode", "torch") == "torch"
-                            and not self.mixed_state)
+                            and not self.mixed_state and grads[0].dtype == self.params[0].dtype)
         if default_formulas:
             if clip is not None:
                 # torch's fused kernel divides the grads by grad_scale: fold the clip factor in.

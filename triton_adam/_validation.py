@@ -54,7 +54,8 @@ def check_formulation(eps_mode, weight_decay_mode):
                          f"{weight_decay_mode!r}")
 
 
-STATE_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
+# float16 moments only as float16 params' default: its range is too narrow for exp_avg_sq
+STATE_DTYPES = (torch.float32, torch.bfloat16)
 
 
 def check_state_dtype(state_dtype) -> None:
@@ -69,7 +70,7 @@ def state_dtype_for(group: dict, param: Tensor, what: str = "a param"):
     state_dtype = group.get("state_dtype")
     if state_dtype is None:
         return param.dtype
-    if param.dtype not in STATE_DTYPES:
+    if param.dtype not in (torch.float32, torch.bfloat16, torch.float16):
         raise TypeError(f"{what}: state_dtype={state_dtype} applies to float32, bfloat16 and "
                         f"float16 params, not {param.dtype}")
     return state_dtype
@@ -116,8 +117,10 @@ def check_grad(group_index: int, position: int, param: Tensor, grad: Tensor) -> 
         raise RuntimeError("Adam does not support sparse gradients, please consider SparseAdam "
                            f"instead ({describe(group_index, position, param)} has a sparse grad)")
     what = describe(group_index, position, param)
-    if grad.dtype != param.dtype:
-        raise TypeError(f"{what}: grad has dtype {grad.dtype}, expected {param.dtype}")
+    if grad.dtype != param.dtype and not (grad.dtype == torch.float32
+                                          and param.dtype in (torch.bfloat16, torch.float16)):
+        raise TypeError(f"{what}: grad has dtype {grad.dtype}, expected {param.dtype} (or "
+                        "float32 for bfloat16/float16 params)")
     if grad.shape != param.shape:
         raise ValueError(f"{what}: grad has shape {tuple(grad.shape)}, expected "
                          f"{tuple(param.shape)}")

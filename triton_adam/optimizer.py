@@ -6,7 +6,7 @@ from torch import Tensor
 
 from . import _compile, _distributed, _validation
 from ._distributed import local
-from ._plan import StepPlan, interpreter_enabled, state_key_names
+from ._plan import GradDtypeChanged, StepPlan, interpreter_enabled, state_key_names
 
 BACKENDS = ("auto", "triton", "torch")
 
@@ -48,8 +48,8 @@ _COMMON_DOC = """
             keras-adamw), where ``initial_lr`` is the group's lr as torch's lr schedulers record
             it (without a scheduler, ``eta_t = 1``).
         state_dtype (torch.dtype, optional): hold ``exp_avg``, ``exp_avg_sq`` (and
-            ``max_exp_avg_sq``) in torch.float32, torch.bfloat16 or torch.float16 whatever the
-            param dtype (float32/bfloat16/float16 params); the math stays float32 and each
+            ``max_exp_avg_sq``) in torch.float32 or torch.bfloat16 whatever the param dtype
+            (float32/bfloat16/float16 params); the math stays float32 and each
             stored value is rounded once (to nearest even). ``torch.bfloat16`` for float32
             params halves the state (8 -> 4 bytes per param; what torch's CUDA fused AdamW does
             when the states are created bfloat16). None (default): the param's dtype, as torch.
@@ -269,8 +269,15 @@ class _FusedAdamBase(torch.optim.Optimizer):
             # a later eager step builds new ones.
             self._captured_plans.append(self._plan)
         try:
-            self._plan.run(self, grads_by_group, getattr(self, "grad_scale", None),
-                           getattr(self, "found_inf", None))
+            try:
+                self._plan.run(self, grads_by_group, getattr(self, "grad_scale", None),
+                               getattr(self, "found_inf", None))
+            except GradDtypeChanged:
+                # float32 grads of 16-bit params where there were 16-bit ones (or back): the
+                # kernels specialise on the grad dtype; nothing was launched yet
+                self._plan = self._build_plan(grads_by_group, signature)
+                self._plan.run(self, grads_by_group, getattr(self, "grad_scale", None),
+                               getattr(self, "found_inf", None))
         except BaseException:
             # a refused step (a bad grad, a failed collective) leaves no half-prepared plan:
             # the next step checks everything again
