@@ -463,3 +463,17 @@ def test_update_error_is_relative_to_the_movement_and_flags_nan():
     want = [torch.full((4,), 2.0)]
     assert parity.update_error([torch.full((4,), 2.2)], want, init) == pytest.approx(0.1)
     assert parity.update_error([torch.full((4,), float("nan"))], want, init) == float("inf")
+
+
+def test_state_dtype_changes_triton_adams_states_and_bytes(small_copy):
+    """--state-dtype bf16: triton-adam holds bfloat16 moments for float32 params (20 B/elem
+    moved, 4 B/param held); torch fused keeps float32 ones (28, 8)."""
+    record = runner.run_bench(_quick_cfg(providers=["triton-adam", "fused"],
+                                         optim=providers.OptimConfig(state_dtype="bf16")))
+    n = record["presets"]["smoke-cpu"]["num_params"]
+    rows = {r["provider"]: r for r in record["results"]}
+    assert rows["triton-adam"]["status"] == "ok", rows["triton-adam"]
+    assert rows["triton-adam"]["bytes_per_step"] == 20 * n
+    assert rows["triton-adam"]["held_bytes"] == 4 * n
+    assert rows["fused"]["bytes_per_step"] == 28 * n
+    assert rows["fused"]["held_bytes"] == 8 * n

@@ -57,7 +57,8 @@ def cmd_bench(args: argparse.Namespace) -> int:
         presets=_csv(args.preset) if args.preset else None,
         dtypes=_csv(args.dtype),
         providers=_csv(args.providers) if args.providers else None,
-        optim=OptimConfig(kind=args.optimizer, amsgrad=args.amsgrad, max_grad_norm=args.clip),
+        optim=OptimConfig(kind=args.optimizer, amsgrad=args.amsgrad, max_grad_norm=args.clip,
+                          state_dtype=args.state_dtype),
         warmup=1 if args.quick else 3,
         repeats=args.steps or (5 if args.quick else 20),
         quick=args.quick,
@@ -274,6 +275,9 @@ def build_parser() -> argparse.ArgumentParser:
     b.add_argument("--clip", type=float, metavar="MAX_NORM",
                    help="time clip + step: torch providers run clip_grad_norm_(MAX_NORM) then "
                         "step, triton-adam its fused max_grad_norm=MAX_NORM step")
+    b.add_argument("--state-dtype", choices=("fp32", "bf16"),
+                   help="triton-adam's state_dtype (moments in this dtype; bytes counted from "
+                        "the real states); the other providers keep theirs")
     b.add_argument("--fsdp2", type=int, metavar="WORLD_SIZE",
                    help="instead: host time of step() under FSDP2 on WORLD_SIZE CPU gloo "
                         "processes, ours (launches stubbed) vs torch fused on the same model")
