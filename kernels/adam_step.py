@@ -23,8 +23,8 @@ import triton.language as tl
 
 # tensor_table columns
 # (tl.constexpr so that kernels may read them; int() them for torch indexing)
-COL_PARAM, COL_EXP_AVG, COL_EXP_AVG_SQ, COL_MAX_EXP_AVG_SQ, COL_STEP, COL_NUMEL, COL_GROUP = map(
-    tl.constexpr, range(7))
+(COL_PARAM, COL_EXP_AVG, COL_EXP_AVG_SQ, COL_MAX_EXP_AVG_SQ, COL_STEP, COL_NUMEL, COL_GROUP,
+ COL_MASTER) = map(tl.constexpr, range(8))
 TABLE_WIDTH = tl.constexpr(8)
 # hyper_table columns
 (HYP_LR, HYP_BETA1, HYP_BETA2, HYP_EPS, HYP_WEIGHT_DECAY, HYP_DECOUPLED, HYP_MAXIMIZE,
@@ -130,8 +130,8 @@ def adam_coefficients_kernel(
 
 
 @triton.jit
-def _store_rounded(ptr, value, mask, DTYPE: tl.constexpr):
-    """Store float32 ``value`` as DTYPE, rounding to nearest even.
+def _rounded(value, DTYPE: tl.constexpr):
+    """float32 ``value`` rounded to nearest even in DTYPE.
 
     bfloat16 is rounded with integer ops because Triton's interpreter truncates float32 -> bfloat16;
     this way the interpreter and the GPU write the same bits (and match torch).
@@ -140,24 +140,48 @@ def _store_rounded(ptr, value, mask, DTYPE: tl.constexpr):
         bits = value.to(tl.uint32, bitcast=True)
         rounded = (bits + 0x7FFF + ((bits >> 16) & 1)) >> 16
         rounded = tl.where(value != value, 0x7FC0, rounded)  # keep NaN a NaN
-        tl.store(ptr, rounded.to(tl.uint16).to(tl.bfloat16, bitcast=True), mask=mask)
+        return rounded.to(tl.uint16).to(tl.bfloat16, bitcast=True)
     else:
-        tl.store(ptr, value.to(DTYPE), mask=mask)
+        return value.to(DTYPE)
+
+
+@triton.jit
+def _store_rounded(ptr, value, mask, DTYPE: tl.constexpr):
+    """Store float32 ``value`` as DTYPE, rounding to nearest even."""
+    tl.store(ptr, _rounded(value, DTYPE), mask=mask)
+
+
+@triton.jit
+def _same_bits(a, b, DTYPE: tl.constexpr):
+    """Elementwise: ``a`` and ``b`` (both DTYPE) have the same bits (NaNs included)."""
+    if DTYPE == tl.float32:
+        return a.to(tl.int32, bitcast=True) == b.to(tl.int32, bitcast=True)
+    else:
+        return a.to(tl.int16, bitcast=True) == b.to(tl.int16, bitcast=True)
 
 
 @triton.jit
 def _adam_block(
-    param_ptr, grad_ptr, exp_avg_ptr, exp_avg_sq_ptr, max_exp_avg_sq_ptr, offsets, mask,
-    one_minus_beta1, beta2, one_minus_beta2, eps, neg_step_size, bc2_sqrt, param_scale, l2,
+    param_ptr, grad_ptr, exp_avg_ptr, exp_avg_sq_ptr, max_exp_avg_sq_ptr, master_ptr, offsets,
+    mask, one_minus_beta1, beta2, one_minus_beta2, eps, neg_step_size, bc2_sqrt, param_scale, l2,
     grad_sign, clip, grad_scale,
     PARAM_DTYPE: tl.constexpr, STATE_DTYPE: tl.constexpr, AMSGRAD: tl.constexpr,
-    HAS_GRAD_SCALE: tl.constexpr,
+    HAS_GRAD_SCALE: tl.constexpr, HAS_MASTER: tl.constexpr,
 ):
     """Update one block of elements; ``mask`` is None for a full block (vectorisable loads).
 
     The pointers already point at the block's first element, so ``offsets`` are int32 lanes.
+    With HAS_MASTER the update runs on the float32 master, which is written back, and the param
+    gets its rounding.
     """
-    param = tl.load(param_ptr + offsets, mask=mask).to(tl.float32)
+    stored_param = tl.load(param_ptr + offsets, mask=mask)
+    param = stored_param.to(tl.float32)
+    if HAS_MASTER:
+        master = tl.load(master_ptr + offsets, mask=mask)
+        # A param written from outside the optimizer (weights loaded, an EMA swap) no longer
+        # is its master's rounding: its master restarts from it instead of overwriting it.
+        param = tl.where(_same_bits(_rounded(master, PARAM_DTYPE), stored_param, PARAM_DTYPE),
+                         master, param)
     grad = tl.load(grad_ptr + offsets, mask=mask).to(tl.float32)
     exp_avg = tl.load(exp_avg_ptr + offsets, mask=mask).to(tl.float32)
     exp_avg_sq = tl.load(exp_avg_sq_ptr + offsets, mask=mask).to(tl.float32)
@@ -190,6 +214,8 @@ def _adam_block(
         denom = tl.div_rn(tl.sqrt_rn(exp_avg_sq), bc2_sqrt) + eps
     param = param + tl.div_rn(neg_step_size * exp_avg, denom)
 
+    if HAS_MASTER:
+        tl.store(master_ptr + offsets, param, mask=mask)
     _store_rounded(param_ptr + offsets, param, mask, PARAM_DTYPE)
     _store_rounded(exp_avg_ptr + offsets, exp_avg, mask, STATE_DTYPE)
     _store_rounded(exp_avg_sq_ptr + offsets, exp_avg_sq, mask, STATE_DTYPE)
@@ -201,12 +227,14 @@ def adam_step_kernel(
     PARAM_DTYPE: tl.constexpr, GRAD_DTYPE: tl.constexpr, STATE_DTYPE: tl.constexpr,
     AMSGRAD: tl.constexpr, HAS_GRAD_SCALE: tl.constexpr, HAS_FOUND_INF: tl.constexpr,
     ALIGNED: tl.constexpr, BLOCK_SIZE: tl.constexpr, TILE_SIZE: tl.constexpr,
+    HAS_MASTER: tl.constexpr = False,
 ):
     """Adam/AdamW on BLOCK_SIZE elements of one tensor per program, in place.
 
     Per element reads param, grad, exp_avg, exp_avg_sq (and max_exp_avg_sq with AMSGRAD), writes
     param, exp_avg, exp_avg_sq (and max_exp_avg_sq): 28 B for float32 AdamW, 36 B with amsgrad,
-    14 B for bfloat16 params and states. The grad is not written back.
+    14 B for bfloat16 params and states. The grad is not written back. HAS_MASTER adds a float32
+    master (read and written: +8 B, 30 B for bfloat16 params with float32 states).
     ALIGNED promises that every address in the bucket is 16-byte aligned, so full blocks load
     and store 16 bytes per instruction.
     """
@@ -224,6 +252,7 @@ def adam_step_kernel(
         exp_avg_ptr = tl.load(row + COL_EXP_AVG).to(tl.pointer_type(STATE_DTYPE))
         exp_avg_sq_ptr = tl.load(row + COL_EXP_AVG_SQ).to(tl.pointer_type(STATE_DTYPE))
         max_exp_avg_sq_ptr = tl.load(row + COL_MAX_EXP_AVG_SQ).to(tl.pointer_type(STATE_DTYPE))
+        master_ptr = tl.load(row + COL_MASTER).to(tl.pointer_type(tl.float32))
         numel = tl.load(row + COL_NUMEL)
 
         coef = coef_table + tensor * COEF_WIDTH
@@ -248,12 +277,14 @@ def adam_step_kernel(
         exp_avg_ptr += start
         exp_avg_sq_ptr += start
         max_exp_avg_sq_ptr += start
+        master_ptr += start
         if ALIGNED:
             param_ptr = tl.multiple_of(param_ptr, 16)
             grad_ptr = tl.multiple_of(grad_ptr, 16)
             exp_avg_ptr = tl.multiple_of(exp_avg_ptr, 16)
             exp_avg_sq_ptr = tl.multiple_of(exp_avg_sq_ptr, 16)
             max_exp_avg_sq_ptr = tl.multiple_of(max_exp_avg_sq_ptr, 16)
+            master_ptr = tl.multiple_of(master_ptr, 16)
         # A program walks its block in tiles: one tile when aligned (16-byte accesses need few
         # registers), smaller tiles otherwise so that scalar accesses do not spill.
         lanes = tl.arange(0, TILE_SIZE)
@@ -262,18 +293,18 @@ def adam_step_kernel(
             if remaining >= TILE_SIZE:
                 _adam_block(param_ptr + tile_start, grad_ptr + tile_start,
                             exp_avg_ptr + tile_start, exp_avg_sq_ptr + tile_start,
-                            max_exp_avg_sq_ptr + tile_start, lanes, None,
-                            one_minus_beta1, beta2, one_minus_beta2, eps, neg_step_size,
+                            max_exp_avg_sq_ptr + tile_start, master_ptr + tile_start, lanes,
+                            None, one_minus_beta1, beta2, one_minus_beta2, eps, neg_step_size,
                             bc2_sqrt, param_scale, l2, grad_sign, clip, grad_scale,
-                            PARAM_DTYPE, STATE_DTYPE, AMSGRAD, HAS_GRAD_SCALE)
+                            PARAM_DTYPE, STATE_DTYPE, AMSGRAD, HAS_GRAD_SCALE, HAS_MASTER)
             elif remaining > 0:
                 _adam_block(param_ptr + tile_start, grad_ptr + tile_start,
                             exp_avg_ptr + tile_start, exp_avg_sq_ptr + tile_start,
-                            max_exp_avg_sq_ptr + tile_start, lanes,
+                            max_exp_avg_sq_ptr + tile_start, master_ptr + tile_start, lanes,
                             lanes < remaining.to(tl.int32),
                             one_minus_beta1, beta2, one_minus_beta2, eps, neg_step_size,
                             bc2_sqrt, param_scale, l2, grad_sign, clip, grad_scale,
-                            PARAM_DTYPE, STATE_DTYPE, AMSGRAD, HAS_GRAD_SCALE)
+                            PARAM_DTYPE, STATE_DTYPE, AMSGRAD, HAS_GRAD_SCALE, HAS_MASTER)
 
 
 def run_or_compile(kernel, grid, warmup, *args, **kwargs):

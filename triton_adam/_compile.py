@@ -71,6 +71,10 @@ def init_group(optimizer, group, params, grads, exp_avgs, exp_avg_sqs, max_exp_a
     # size after each call, and guards taken while it still grows would fail at the next step.
     for group_index, each in enumerate(optimizer.param_groups):
         for position, param in enumerate(each["params"]):
+            if each.get("master_weights", False):
+                raise NotImplementedError(
+                    "triton-adam: torch.compile of step() with master_weights=True is not "
+                    "supported yet; call opt.step() outside the compiled function")
             if _is_dtensor(param):
                 raise NotImplementedError(
                     "triton-adam: torch.compile of step() with DTensor (FSDP2) params is not "

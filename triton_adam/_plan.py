@@ -72,6 +72,7 @@ class Member:
     # through a stale address
     state_tensors: tuple = ()
     segment: int = 0  # the grad-norm segment (see _distributed.NormReduction)
+    has_master: bool = False  # a float32 master_param in the state, stepped in its place
     grad_dtype: torch.dtype = None  # the param's dtype, or float32 grads of 16-bit params
 
     @classmethod
@@ -198,6 +199,7 @@ class TritonBucket:
         n = len(members)
         dtype = members[0].flat_param.dtype
         state_dtype = members[0].flat(members[0].state["exp_avg"]).dtype
+        has_master = members[0].has_master
         table = np.zeros((max(n, 1), int(K.TABLE_WIDTH)), dtype=np.int64)
         for row, m in enumerate(members):
             s = m.state
@@ -213,8 +215,11 @@ class TritonBucket:
             table[row, K.COL_EXP_AVG_SQ] = m.flat(s["exp_avg_sq"]).data_ptr()
             if amsgrad:
                 table[row, K.COL_MAX_EXP_AVG_SQ] = m.flat(s["max_exp_avg_sq"]).data_ptr()
+            if has_master:
+                table[row, K.COL_MASTER] = m.flat(s["master_param"]).data_ptr()
         columns = [K.COL_PARAM, K.COL_EXP_AVG, K.COL_EXP_AVG_SQ]
         columns += [K.COL_MAX_EXP_AVG_SQ] if amsgrad else []
+        columns += [K.COL_MASTER] if has_master else []
         addresses = table[:n, [int(c) for c in columns]]
         self.nonempty = np.array([m.numel > 0 for m in members], dtype=bool)
         # per member: its own tensors are 16-byte aligned (empty ones take no block anyway)
@@ -236,7 +241,7 @@ class TritonBucket:
         self.spec = dict(
             PARAM_DTYPE=triton_dtype(dtype),
             GRAD_DTYPE=triton_dtype(members[0].flat_grad_dtype),
-            STATE_DTYPE=triton_dtype(state_dtype), AMSGRAD=amsgrad,
+            STATE_DTYPE=triton_dtype(state_dtype), AMSGRAD=amsgrad, HAS_MASTER=has_master,
         )
 
     def prepare(self, grads) -> None:
@@ -295,6 +300,11 @@ def state_key_names(amsgrad: bool):
     return ("exp_avg", "exp_avg_sq", "max_exp_avg_sq") if amsgrad else ("exp_avg", "exp_avg_sq")
 
 
+def memory_keys(amsgrad: bool, master: bool):
+    """The state tensors a step reads and writes element by element."""
+    return state_key_names(amsgrad) + (("master_param",) if master else ())
+
+
 class StepPlan:
     """Buckets and hyperparameter tables for one arrangement of params with grads."""
 
@@ -316,15 +326,17 @@ class StepPlan:
                                          _validation.describe(gi, pi, param))
                 state = states[param]
                 state_dtype = _validation.state_dtype_for(group, param)
-                _validation.check_state(gi, pi, param, state, amsgrad, state_dtype)
+                master = _validation.uses_master(group, param)
+                _validation.check_state(gi, pi, param, state, amsgrad, state_dtype, master)
                 member = Member.of(gi, pi, param, state)
                 member.segment = self.norm_reduction.segment_index(param)
                 member.grad_dtype = grad.dtype
+                member.has_master = master
                 _check_state_layout(member, amsgrad)
-                member.keep(("step",) + state_key_names(amsgrad))
+                member.keep(("step",) + memory_keys(amsgrad, master))
                 # Hyperparameters and the decoupled/maximize flags are per tensor in the Triton
                 # launch; torch's fused kernels take them per call, hence per group.
-                dtypes = (member.flat_param.dtype, state_dtype, grad.dtype)
+                dtypes = (member.flat_param.dtype, state_dtype, grad.dtype, master)
                 key = (backend, param.device, dtypes, amsgrad)
                 if backend == "torch":
                     key = key + (gi, decoupled, maximize)
@@ -337,11 +349,11 @@ class StepPlan:
         for members in by_device.values():
             tensors, names = [], []
             for m in members:
-                tensors += [m.flat_param] + [m.flat(m.state[k])
-                                             for k in state_key_names("max_exp_avg_sq" in m.state)]
+                keys = memory_keys("max_exp_avg_sq" in m.state, m.has_master)
+                tensors += [m.flat_param] + [m.flat(m.state[k]) for k in keys]
                 names += [_validation.describe(m.group_index, m.position, m.param)] + [
                     f"state '{k}' of {_validation.describe(m.group_index, m.position, m.param)}"
-                    for k in state_key_names("max_exp_avg_sq" in m.state)]
+                    for k in keys]
             _validation.check_no_overlap(tensors, names)
 
         self.triton_buckets, self.torch_buckets = [], []
@@ -529,7 +541,7 @@ def _kernel_grad(member: Member, grad: Tensor) -> Tensor:
 def _check_state_layout(member: Member, amsgrad: bool) -> None:
     """Give loaded state tensors their param's strides (a value-preserving fix-up)."""
     what = _validation.describe(member.group_index, member.position, member.param)
-    for key in state_key_names(amsgrad):
+    for key in memory_keys(amsgrad, member.has_master):
         value = member.state[key]
         _distributed.check_local_layout(what, key, member.param, value)
         if local(value).stride() != member.stride and member.numel > 1:

@@ -36,6 +36,8 @@ class TorchBucket:
         # moments held in another dtype than the params: torch's CPU fused kernel refuses that,
         # so these go through the float32 math, the Triton kernel's arithmetic
         self.mixed_state = any(m.state["exp_avg"].dtype != m.param.dtype for m in members)
+        # float32 masters stepped in the params' place (all members of a bucket alike)
+        self.masters = [m.flat(m.state["master_param"]) for m in members if m.has_master]
 
     def launch(self, grads, group, grad_scale, found_inf, clip):
         """One step; ``clip`` is a 0-d float32 clip factor or None."""
@@ -43,7 +45,8 @@ class TorchBucket:
         default_formulas = (group.get("eps_mode", "torch") == "torch"
                             and group.get("bias_correction", True)
                             and group.get("weight_decay_mode", "torch") == "torch"
-                            and not self.mixed_state and grads[0].dtype == self.params[0].dtype)
+                            and not self.mixed_state and not self.masters
+                            and grads[0].dtype == self.params[0].dtype)
         if default_formulas:
             if clip is not None:
                 # torch's fused kernel divides the grads by grad_scale: fold the clip factor in.
@@ -107,7 +110,14 @@ class TorchBucket:
                 g = g * clip
             if self.maximize:
                 g = g.neg_()
-            p = param.to(f32, copy=True).mul_(param_scale)
+            p = param.to(f32, copy=True)
+            if self.masters:
+                # the master, unless the param was written from outside (it is no longer the
+                # master's rounding): then the master restarts from the param, as in the kernel
+                master = self.masters[i]
+                same = master.to(param.dtype).view(torch.int16) == param.view(torch.int16)
+                p = torch.where(same, master, p)
+            p = p.mul_(param_scale)
             if l2 != 0.0:
                 g = g.add(p, alpha=l2)
             m = exp_avg.to(f32, copy=True).lerp_(g, 1 - beta1)
@@ -122,6 +132,8 @@ class TorchBucket:
             root = second.double().sqrt_().float()
             denom = root.div_(bc2_sqrt).add_(eps)
             new[param] = p.addcdiv_(m, denom, value=neg_step_size.item())
+            if self.masters:
+                new[self.masters[i]] = p
             for target, value in new.items():
                 value = value.to(target.dtype)
                 if skip is not None:

@@ -21,21 +21,24 @@ AMP_MODES = {"none": (False, False), "found_inf": (False, True), "scale": (True,
 
 
 def dtype_roles():
-    """(param, grad, state) dtypes the optimizer pairs: moments in the param's dtype, float32 or
-    bfloat16 (``state_dtype``); grads in the param's dtype, or float32 for 16-bit params."""
+    """(param, grad, state, master) the optimizer pairs: moments in the param's dtype, float32
+    or bfloat16 (``state_dtype``); grads in the param's dtype, or float32 for 16-bit params; a
+    float32 master (with float32 moments) for 16-bit params."""
     for dtype in DTYPES:
         for state_dtype in dict.fromkeys((dtype, "fp32", "bf16")):
             for grad_dtype in dict.fromkeys((dtype, "fp32")):
-                yield dtype, grad_dtype, state_dtype
+                yield dtype, grad_dtype, state_dtype, False
+                if dtype != "fp32" and state_dtype == "fp32":
+                    yield dtype, grad_dtype, state_dtype, True
 
 
 def step_kernel_specs():
     """Every constexpr combination of ``adam_step_kernel`` that the optimizer launches."""
-    for (dtype, grad_dtype, state_dtype), amsgrad, amp, aligned in itertools.product(
+    for (dtype, grad_dtype, state_dtype, master), amsgrad, amp, aligned in itertools.product(
             dtype_roles(), (False, True), AMP_MODES, (True, False)):
         has_scale, has_inf = AMP_MODES[amp]
         yield dict(PARAM_DTYPE=dtype, GRAD_DTYPE=grad_dtype, STATE_DTYPE=state_dtype,
-                   AMSGRAD=amsgrad,
+                   AMSGRAD=amsgrad, HAS_MASTER=master,
                    HAS_GRAD_SCALE=has_scale, HAS_FOUND_INF=has_inf, ALIGNED=aligned,
                    BLOCK_SIZE=BLOCK_SIZE,
                    TILE_SIZE=ALIGNED_TILE_SIZE if aligned else UNALIGNED_TILE_SIZE)

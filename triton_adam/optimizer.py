@@ -54,6 +54,11 @@ _COMMON_DOC = """
             params halves the state (8 -> 4 bytes per param; what torch's CUDA fused AdamW does
             when the states are created bfloat16). None (default): the param's dtype, as torch.
             Loaded moments are rounded to it once.
+        master_weights (bool): for bfloat16/float16 params, step a float32 copy (state key
+            ``master_param``) in the param's place and write its rounding (to nearest even)
+            back to the param, in the same launch; the master's trajectory is float32 torch
+            AdamW's, bit for bit. A param written from outside the optimizer restarts its
+            master from it. ("compact", the 2-byte form, is not available yet.)
         backend ("auto", "triton" or "torch"): "auto" runs the Triton kernels on CUDA tensors
             (and on CPU tensors when ``TRITON_INTERPRET=1``), torch's fused kernels elsewhere or
             for float64 params; "triton" and "torch" force one, with a clear error where it
@@ -72,13 +77,14 @@ class _FusedAdamBase(torch.optim.Optimizer):
     def __init__(self, params, lr, betas, eps, weight_decay, amsgrad, *, foreach, maximize,
                  capturable, differentiable, fused, decoupled_weight_decay, backend,
                  max_grad_norm, skip_nonfinite, eps_mode, bias_correction, weight_decay_mode,
-                 state_dtype):
+                 state_dtype, master_weights):
         if backend not in BACKENDS:
             raise ValueError(f"backend must be one of {BACKENDS}, got {backend!r}")
         if max_grad_norm is not None and not max_grad_norm > 0:
             raise ValueError(f"Invalid max_grad_norm: {max_grad_norm} (must be > 0 or None)")
         _validation.check_formulation(eps_mode, weight_decay_mode)
         _validation.check_state_dtype(state_dtype)
+        _validation.check_master_weights(master_weights)
         self.max_grad_norm = max_grad_norm
         self.skip_nonfinite = bool(skip_nonfinite)
         self.last_grad_norm = None
@@ -97,7 +103,7 @@ class _FusedAdamBase(torch.optim.Optimizer):
                         differentiable=False, fused=fused,
                         decoupled_weight_decay=decoupled_weight_decay, eps_mode=eps_mode,
                         bias_correction=bias_correction, weight_decay_mode=weight_decay_mode,
-                        state_dtype=state_dtype)
+                        state_dtype=state_dtype, master_weights=master_weights)
         super().__init__(params, defaults)
         # GradScaler hands us grad_scale/found_inf instead of unscaling and syncing itself.
         self._step_supports_amp_scaling = True
@@ -112,6 +118,7 @@ class _FusedAdamBase(torch.optim.Optimizer):
                                           merged["weight_decay"])
         _validation.check_formulation(merged["eps_mode"], merged["weight_decay_mode"])
         _validation.check_state_dtype(merged.get("state_dtype"))
+        _validation.check_master_weights(merged.get("master_weights", False))
         if "betas" in param_group:
             param_group["betas"] = tuple(map(_validation.to_scalar, param_group["betas"]))
         super().add_param_group(param_group)
@@ -137,14 +144,38 @@ class _FusedAdamBase(torch.optim.Optimizer):
                                  ("capturable", False), ("differentiable", False),
                                  ("fused", None), ("decoupled_weight_decay", False),
                                  ("eps_mode", "torch"), ("bias_correction", True),
-                                 ("weight_decay_mode", "torch"), ("state_dtype", None)):
+                                 ("weight_decay_mode", "torch"), ("state_dtype", None),
+                                 ("master_weights", False)):
                 group.setdefault(key, default)
         self._normalize_steps()
         self._invalidate_plan()
 
     def load_state_dict(self, state_dict: dict) -> None:
-        """Load a state dict saved by this class or by torch.optim.Adam/AdamW (any device)."""
+        """Load a state dict saved by this class or by torch.optim.Adam/AdamW (any device).
+
+        Moments and float32 masters (``master_param``) keep the dtype they were saved in
+        (torch's loader would cast them to the params' dtype, rounding float32 moments or
+        masters of 16-bit params); the next step holds them in the optimizer's state_dtype.
+        """
+        kept = {(key, name): value[name] for key, value in state_dict["state"].items()
+                if isinstance(value, dict)
+                for name in ("exp_avg", "exp_avg_sq", "max_exp_avg_sq", "master_param")
+                if isinstance(value.get(name), Tensor)}
+        # options torch.optim does not have: a torch checkpoint's groups lack them, and they
+        # stay as this optimizer was built
+        ours = [{k: group[k] for k in _OPTIONS if k in group} for group in self.param_groups]
+        saved_groups = state_dict["param_groups"]
         super().load_state_dict(state_dict)
+        for group, saved, options in zip(self.param_groups, saved_groups, ours):
+            for key, value in options.items():
+                if key not in saved:
+                    group[key] = value
+        if kept:
+            ids = [i for g in state_dict["param_groups"] for i in g["params"]]
+            params = [p for g in self.param_groups for p in g["params"]]
+            for (key, name), value in kept.items():
+                param = params[ids.index(key)]
+                self.state[param][name] = value.detach().to(device=param.device).clone()
         for group in self.param_groups:
             # a state dict that went through a broadcast or JSON holds betas as a list
             group["betas"] = tuple(map(_validation.to_scalar, group["betas"]))
@@ -219,11 +250,15 @@ class _FusedAdamBase(torch.optim.Optimizer):
                 if grad is None:
                     continue
                 state = self.state.get(param)
-                state_dtype = _validation.state_dtype_for(
-                    group, param, _validation.describe(gi, pi, param))
+                what = _validation.describe(gi, pi, param)
+                state_dtype = _validation.state_dtype_for(group, param, what)
+                master = _validation.uses_master(group, param, what)
                 if not state:
                     state = new_states[param] = _initial_state(param, group["amsgrad"],
-                                                               state_dtype)
+                                                               state_dtype, master)
+                elif master and "master_param" not in state:
+                    # a torch checkpoint, or master weights switched on: start from the param
+                    state = new_states[param] = dict(state, master_param=_master_of(param))
                 elif group["amsgrad"] and "max_exp_avg_sq" not in state:
                     # amsgrad switched on mid-training: start its maximum from zero.
                     state = new_states[param] = dict(
@@ -286,13 +321,27 @@ class _FusedAdamBase(torch.optim.Optimizer):
         return loss
 
 
-def _initial_state(param: Tensor, amsgrad: bool, state_dtype=None) -> dict:
-    """Zero moments in ``state_dtype`` (default the param's) and a 0-d float32 step."""
+# triton-adam's own group options (beyond torch.optim.Adam/AdamW's)
+_OPTIONS = ("eps_mode", "bias_correction", "weight_decay_mode", "state_dtype", "master_weights")
+
+
+def _initial_state(param: Tensor, amsgrad: bool, state_dtype=None, master=False) -> dict:
+    """Zero moments in ``state_dtype`` (default the param's), a 0-d float32 step and, with
+    ``master``, a float32 copy of the param."""
     # step is a plain 0-d tensor also for DTensor params, as torch keeps it
     state = {"step": torch.zeros((), dtype=torch.float32, device=param.device)}
     for key in state_key_names(amsgrad):
         state[key] = _distributed.zeros_like(param, state_dtype)
+    if master:
+        state["master_param"] = _master_of(param)
     return state
+
+
+def _master_of(param: Tensor) -> Tensor:
+    """A float32 copy of ``param`` (exact), laid out and placed as the param."""
+    master = _distributed.zeros_like(param, torch.float32)
+    local(master).copy_(local(param).detach())
+    return master
 
 
 def _adopt_loaded_state(group_index: int, position: int, param: Tensor, state: dict,
@@ -308,8 +357,9 @@ def _adopt_loaded_state(group_index: int, position: int, param: Tensor, state: d
         if key == "step" or not isinstance(value, Tensor):
             return value
         value = _distributed.adopt_state(what, key, param, value)
-        if value.dtype != state_dtype and value.is_floating_point():
-            value = value.to(state_dtype)
+        dtype = torch.float32 if key == "master_param" else state_dtype
+        if value.dtype != dtype and value.is_floating_point():
+            value = value.to(dtype)
         return value
 
     adopted = {key: adopt(key, value) for key, value in state.items()}
@@ -326,14 +376,16 @@ class Adam(_FusedAdamBase):
                  amsgrad=False, *, foreach=None, maximize=False, capturable=False,
                  differentiable=False, fused=None, decoupled_weight_decay=False,
                  backend="auto", max_grad_norm=None, skip_nonfinite=False, eps_mode="torch",
-                 bias_correction=True, weight_decay_mode="torch", state_dtype=None):
+                 bias_correction=True, weight_decay_mode="torch", state_dtype=None,
+                 master_weights=False):
         super().__init__(params, lr, betas, eps, weight_decay, amsgrad, foreach=foreach,
                          maximize=maximize, capturable=capturable,
                          differentiable=differentiable, fused=fused,
                          decoupled_weight_decay=decoupled_weight_decay, backend=backend,
                          max_grad_norm=max_grad_norm, skip_nonfinite=skip_nonfinite,
                          eps_mode=eps_mode, bias_correction=bias_correction,
-                         weight_decay_mode=weight_decay_mode, state_dtype=state_dtype)
+                         weight_decay_mode=weight_decay_mode, state_dtype=state_dtype,
+                         master_weights=master_weights)
 
 
 class AdamW(_FusedAdamBase):
@@ -344,14 +396,16 @@ class AdamW(_FusedAdamBase):
                  amsgrad=False, *, maximize=False, foreach=None, capturable=False,
                  differentiable=False, fused=None, backend="auto", max_grad_norm=None,
                  skip_nonfinite=False, eps_mode="torch", bias_correction=True,
-                 weight_decay_mode="torch", state_dtype=None):
+                 weight_decay_mode="torch", state_dtype=None,
+                 master_weights=False):
         super().__init__(params, lr, betas, eps, weight_decay, amsgrad, foreach=foreach,
                          maximize=maximize, capturable=capturable,
                          differentiable=differentiable, fused=fused,
                          decoupled_weight_decay=True, backend=backend,
                          max_grad_norm=max_grad_norm, skip_nonfinite=skip_nonfinite,
                          eps_mode=eps_mode, bias_correction=bias_correction,
-                         weight_decay_mode=weight_decay_mode, state_dtype=state_dtype)
+                         weight_decay_mode=weight_decay_mode, state_dtype=state_dtype,
+                         master_weights=master_weights)
 
     def __setstate__(self, state: dict) -> None:
         super().__setstate__(state)

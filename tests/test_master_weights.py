@@ -1,0 +1,180 @@
+"""master_weights=True: a float32 master per bfloat16/float16 param, stepped in its place."""
+import copy
+import itertools
+
+import pytest
+import torch
+
+import triton_adam
+from conftest import DEVICE_BACKENDS
+from interpreter_faults import skip_if_fma_rounds_twice
+
+FLAGS = list(itertools.product([False, True], [False, True], [0.0, 0.1], ["Adam", "AdamW"]))
+FLAG_IDS = [f"ams{int(a)}-max{int(m)}-wd{w}-{c}" for a, m, w, c in FLAGS]
+STEPS = 20
+
+
+@pytest.mark.parametrize("device,backend", DEVICE_BACKENDS)
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=["bf16", "fp16"])
+@pytest.mark.parametrize("amsgrad,maximize,weight_decay,cls", FLAGS, ids=FLAG_IDS)
+def test_master_follows_float32_torch_fused_bit_for_bit(device, backend, dtype, amsgrad,
+                                                        maximize, weight_decay, cls):
+    """The master's trajectory is torch.optim's fused AdamW/Adam on float32 params fed the same
+    grads (upcast exactly), every step; the param is always its master rounded to nearest even.
+    (5120 elements: torch's scalar tail loop rounds exp_avg_sq unlike its vector body.)"""
+    skip_if_fma_rounds_twice(torch.float32)
+    generator = torch.Generator().manual_seed(23)
+    initial = torch.randn(5120, generator=generator).to(dtype)
+    ours = torch.nn.Parameter(initial.clone().to(device))
+    theirs = torch.nn.Parameter(initial.float())
+    hyper = dict(lr=1e-3, betas=(0.8, 0.99), eps=1e-6, weight_decay=weight_decay,
+                 amsgrad=amsgrad, maximize=maximize)
+    opt = getattr(triton_adam, cls)([ours], backend=backend, master_weights=True, **hyper)
+    ref = getattr(torch.optim, cls)([theirs], fused=True, **hyper)
+    for _ in range(STEPS):
+        grad = (torch.randn(5120, generator=generator) * 1e-2).to(dtype)
+        ours.grad, theirs.grad = grad.to(device), grad.float()
+        opt.step()
+        ref.step()
+        master = opt.state[ours]["master_param"]
+        assert master.dtype == torch.float32
+        assert torch.equal(master.cpu(), theirs.detach())
+        assert torch.equal(ours.detach(), master.to(dtype))
+    for key in ("exp_avg", "exp_avg_sq") + (("max_exp_avg_sq",) if amsgrad else ()):
+        assert torch.equal(opt.state[ours][key].cpu(), ref.state[theirs][key]), key
+
+
+@pytest.mark.parametrize("device,backend", DEVICE_BACKENDS)
+def test_small_updates_accumulate_in_the_master(device, backend):
+    """Updates under half a bfloat16 ulp vanish from a pure-bfloat16 param; the master keeps
+    them, and the param moves once they add up."""
+    ones = torch.ones(1000, dtype=torch.bfloat16, device=device)
+    pure, mixed = torch.nn.Parameter(ones.clone()), torch.nn.Parameter(ones.clone())
+    opts = [triton_adam.Adam([p], lr=1e-4, backend=backend, master_weights=m)
+            for p, m in ((pure, False), (mixed, True))]
+    for _ in range(60):
+        for p, opt in zip((pure, mixed), opts):
+            p.grad = torch.ones_like(p)
+            opt.step()
+    assert torch.equal(pure, ones)  # 1 - 1e-4 rounds back to 1 every step
+    assert (mixed < 1).all()  # 60 steps of 1e-4 = 6e-3, past half an ulp (2**-9)
+
+
+@pytest.mark.parametrize("device,backend", DEVICE_BACKENDS)
+def test_a_param_written_from_outside_restarts_its_master(device, backend):
+    """Weights loaded into the model (or an EMA swap) after some steps: the stale master does
+    not overwrite them; the master restarts from the new param, elements that were not written
+    keep theirs."""
+    generator = torch.Generator().manual_seed(5)
+    p = torch.nn.Parameter(torch.randn(4100, generator=generator).to(torch.bfloat16).to(device))
+    q = torch.nn.Parameter(p.detach().float().cpu())
+    opt = triton_adam.AdamW([p], lr=1e-3, backend=backend, master_weights=True)
+    ref = torch.optim.AdamW([q], lr=1e-3, fused=True)
+    grads = [(torch.randn(4100, generator=generator) * 1e-2).to(torch.bfloat16)
+             for _ in range(6)]
+    for g in grads[:3]:
+        p.grad, q.grad = g.to(device), g.float()
+        opt.step()
+        ref.step()
+    written = torch.randn(100, generator=generator).to(torch.bfloat16)
+    with torch.no_grad():
+        p[:100] = written.to(device)
+        q[:100] = written.float()
+    for g in grads[3:]:
+        p.grad, q.grad = g.to(device), g.float()
+        opt.step()
+        ref.step()
+        master = opt.state[p]["master_param"].cpu()
+        assert torch.equal(master[100:], q.detach()[100:])
+        torch.testing.assert_close(master, q.detach(), rtol=0, atol=0)
+
+
+@pytest.mark.parametrize("device,backend", DEVICE_BACKENDS)
+def test_state_dict_keeps_a_float32_master(device, backend):
+    """state_dict holds torch's keys plus a dense float32 master_param; loading it keeps the
+    master float32 (torch's loader would cast it to the param's dtype); a plain torch AdamW
+    checkpoint (no master) starts the master from the param; torch.optim.AdamW loads ours."""
+    p = torch.nn.Parameter(torch.randn(50).to(torch.bfloat16).to(device))
+    opt = triton_adam.AdamW([p], lr=1e-2, backend=backend, master_weights=True)
+    for _ in range(3):
+        p.grad = torch.randn(50).to(torch.bfloat16).to(device)
+        opt.step()
+    saved = copy.deepcopy(opt.state_dict())  # as torch.save/load would: no shared tensors
+    assert saved["state"][0]["master_param"].dtype == torch.float32
+    again = torch.nn.Parameter(p.detach().clone())
+    opt2 = triton_adam.AdamW([again], lr=1e-2, backend=backend, master_weights=True)
+    opt2.load_state_dict(saved)
+    assert opt2.state[again]["master_param"].dtype == torch.float32
+    assert torch.equal(opt2.state[again]["master_param"], opt.state[p]["master_param"])
+    grad = torch.randn(50).to(torch.bfloat16).to(device)
+    p.grad, again.grad = grad, grad.clone()
+    opt.step()
+    opt2.step()
+    assert torch.equal(p, again)
+    assert torch.equal(opt2.state[again]["master_param"], opt.state[p]["master_param"])
+
+    torch_opt = torch.optim.AdamW([torch.nn.Parameter(p.detach().clone())], lr=1e-2)
+    torch_opt.load_state_dict(saved)  # loads (it casts our master to the param's dtype)
+    plain = torch.optim.AdamW([torch.nn.Parameter(p.detach().clone())], lr=1e-2)
+    plain.param_groups[0]["params"][0].grad = grad.clone()
+    plain.step()
+    third = torch.nn.Parameter(plain.param_groups[0]["params"][0].detach().clone())
+    opt3 = triton_adam.AdamW([third], lr=1e-2, backend=backend, master_weights=True)
+    opt3.load_state_dict(plain.state_dict())
+    third.grad = grad.clone()
+    opt3.step()
+    assert opt3.state[third]["master_param"].dtype == torch.float32
+
+
+def test_bad_master_weights_are_refused_before_anything_changes():
+    with pytest.raises(ValueError, match="compact"):
+        triton_adam.AdamW([torch.nn.Parameter(torch.ones(2, dtype=torch.bfloat16))],
+                          master_weights="compact")
+    with pytest.raises(ValueError, match="master_weights"):
+        triton_adam.AdamW([torch.nn.Parameter(torch.ones(2))], master_weights="yes")
+    p = torch.nn.Parameter(torch.ones(3))
+    opt = triton_adam.AdamW([p], master_weights=True)
+    p.grad = torch.ones(3)
+    with pytest.raises(TypeError, match="master_weights"):
+        opt.step()
+    assert torch.equal(p, torch.ones(3)) and not opt.state
+    q = torch.nn.Parameter(torch.ones(3, dtype=torch.bfloat16))
+    opt = triton_adam.AdamW([q], master_weights=True, state_dtype=torch.bfloat16)
+    q.grad = torch.ones(3, dtype=torch.bfloat16)
+    with pytest.raises(ValueError, match="master_weights"):
+        opt.step()
+    assert not opt.state
+
+
+def test_fsdp2_masters_are_dtensors_of_the_local_shards():
+    """One rank of 2 on the fake process group: the master is a float32 DTensor with the param's
+    placements, and each local param shard is its master's rounding after a step."""
+    import torch.distributed as dist
+    from torch.distributed.fsdp import fully_shard
+    from torch.distributed.tensor import DTensor
+    from torch.testing._internal.distributed.fake_pg import FakeStore
+
+    from conftest import backends_on
+
+    dist.init_process_group("fake", store=FakeStore(), rank=0, world_size=2)
+    try:
+        for backend in backends_on("cpu"):
+            torch.manual_seed(1)
+            model = torch.nn.Linear(6, 5).to(torch.bfloat16)
+            fully_shard(model)
+            opt = triton_adam.AdamW(model.parameters(), lr=1e-2, backend=backend,
+                                    master_weights=True)
+            for p in model.parameters():
+                p.grad = DTensor.from_local(torch.randn(p._local_tensor.shape).bfloat16(),
+                                            p.device_mesh, p.placements, shape=p.shape,
+                                            stride=p.stride())
+            before = {id(p): p._local_tensor.float().clone() for p in model.parameters()}
+            opt.step()
+            for p in model.parameters():
+                master = opt.state[p]["master_param"]
+                assert isinstance(master, DTensor) and master.placements == p.placements
+                assert master.dtype == torch.float32
+                assert torch.equal(p._local_tensor, master._local_tensor.bfloat16())
+                assert not torch.equal(master._local_tensor, before[id(p)])
+    finally:
+        dist.destroy_process_group()
