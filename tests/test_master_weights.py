@@ -65,6 +65,7 @@ def test_a_param_written_from_outside_restarts_its_master(device, backend):
     """Weights loaded into the model (or an EMA swap) after some steps: the stale master does
     not overwrite them; the master restarts from the new param, elements that were not written
     keep theirs."""
+    skip_if_fma_rounds_twice(torch.float32)
     generator = torch.Generator().manual_seed(5)
     p = torch.nn.Parameter(torch.randn(4100, generator=generator).to(torch.bfloat16).to(device))
     q = torch.nn.Parameter(p.detach().float().cpu())
