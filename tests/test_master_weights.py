@@ -179,3 +179,20 @@ def test_fsdp2_masters_are_dtensors_of_the_local_shards():
                 assert not torch.equal(master._local_tensor, before[id(p)])
     finally:
         dist.destroy_process_group()
+
+
+@pytest.mark.parametrize("device,backend", DEVICE_BACKENDS)
+def test_switching_master_weights_on_mid_training_starts_masters_from_the_params(device,
+                                                                                  backend):
+    p = torch.nn.Parameter(torch.randn(64).to(torch.bfloat16).to(device))
+    opt = triton_adam.AdamW([p], lr=1e-2, backend=backend)
+    p.grad = torch.randn(64).to(torch.bfloat16).to(device)
+    opt.step()
+    assert "master_param" not in opt.state[p]
+    opt.param_groups[0]["master_weights"] = True
+    before = p.detach().float().clone()
+    opt.step()
+    master = opt.state[p]["master_param"]
+    assert master.dtype == torch.float32 and opt.state[p]["exp_avg"].dtype == torch.float32
+    assert torch.equal(p.detach(), master.to(torch.bfloat16))
+    assert not torch.equal(master, before)

@@ -228,7 +228,8 @@ class _FusedAdamBase(torch.optim.Optimizer):
         # moves when FSDP2 or a checkpoint load swaps the shard)
         return (self._layout_version, tuple(
             (bool(group["amsgrad"]), bool(group["maximize"]),
-             bool(group.get("decoupled_weight_decay", False)),
+             bool(group.get("decoupled_weight_decay", False)), group.get("state_dtype"),
+             bool(group.get("master_weights", False)),
              tuple(local(p).data_ptr() if g is not None else -1
                    for p, g in zip(group["params"], grads)))
             for group, grads in zip(self.param_groups, grads_by_group)))
