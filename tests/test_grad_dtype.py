@@ -49,7 +49,8 @@ def test_both_backends_give_the_same_bits(param_dtype, amsgrad):
     theirs, ref = run("torch", param_dtype, schedule, amsgrad=amsgrad)
     for p, q in zip(ours, theirs):
         assert torch.equal(p, q)
-        assert torch.equal(opt.state[p]["exp_avg_sq"], ref.state[q]["exp_avg_sq"])
+        for key in ("exp_avg", "exp_avg_sq") + (("max_exp_avg_sq",) if amsgrad else ()):
+            assert torch.equal(opt.state[p][key], ref.state[q][key]), key
     # the fused clip: the norm of the float32 grads (the two backends reduce in other orders)
     _, opt = run("triton", param_dtype, schedule, amsgrad=amsgrad, max_grad_norm=0.05)
     _, ref = run("torch", param_dtype, schedule, amsgrad=amsgrad, max_grad_norm=0.05)

@@ -97,11 +97,18 @@ def test_state_dict_both_ways_with_torch(device, backend):
     ours = triton_adam.AdamW(again, lr=LR, weight_decay=0.1, backend=backend,
                              state_dtype=torch.bfloat16)
     ours.load_state_dict(torch_opt.state_dict())
+    expected = {id(p): torch_opt.state[q]["exp_avg_sq"].to(torch.bfloat16)
+                for p, q in zip(again, theirs)}
     for p, g in zip(again, grads_for(100, torch.float32)):
         p.grad = g.to(device)
     ours.step()
     for p in again:
         assert ours.state[p]["exp_avg_sq"].dtype == torch.bfloat16
+    # the loaded moments were rounded once: one more step from them by hand, in float64
+    for p, g in zip(again, grads_for(100, torch.float32)):
+        v = expected[id(p)].double() * 0.999 + 0.001 * g.double().to(device) ** 2
+        torch.testing.assert_close(ours.state[p]["exp_avg_sq"].double(),
+                                   v.to(torch.bfloat16).double(), rtol=2**-7, atol=0)
 
 
 @pytest.mark.parametrize("device,backend", DEVICE_BACKENDS)

@@ -212,7 +212,9 @@ def _plan_for(optimizer, view):
     key = (optimizer._layout_version, optimizer.backend,
            tuple((gi, tuple((p.data_ptr(),) + tuple(t.data_ptr() for t in states[p].values())
                             for p in group["params"]), bool(group["amsgrad"]),
-                  bool(group["maximize"]), bool(group.get("decoupled_weight_decay", False)))
+                  bool(group["maximize"]), bool(group.get("decoupled_weight_decay", False)),
+                  # the launch specialises on the grads' dtypes (float32 grads of 16-bit params)
+                  tuple(None if g is None else g.dtype for g in view.grads_by_group[gi]))
                  for gi, group in enumerate(view.param_groups)))
     cached = _PLANS.get(optimizer)
     if cached is not None and cached[0] == key:

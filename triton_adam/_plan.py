@@ -508,6 +508,9 @@ class GradDtypeChanged(Exception):
     """A grad's dtype is not the one the tables were built for (float32 grads of a 16-bit
     param this step, its own dtype before): raised before any launch; the step builds anew."""
 
+    def __init__(self):
+        super().__init__("triton-adam: a grad's dtype changed since the tables were built")
+
 
 def _gather_grads(bucket, grads_by_group) -> list:
     """This step's grads (local shards) for the bucket's members, checked before any launch."""

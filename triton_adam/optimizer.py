@@ -171,11 +171,12 @@ class _FusedAdamBase(torch.optim.Optimizer):
                 if key not in saved:
                     group[key] = value
         if kept:
-            ids = [i for g in state_dict["param_groups"] for i in g["params"]]
-            params = [p for g in self.param_groups for p in g["params"]]
+            by_id = dict(zip((i for g in state_dict["param_groups"] for i in g["params"]),
+                             (p for g in self.param_groups for p in g["params"])))
             for (key, name), value in kept.items():
-                param = params[ids.index(key)]
-                self.state[param][name] = value.detach().to(device=param.device).clone()
+                param = by_id[key]
+                if self.state[param][name].dtype != value.dtype:  # torch's cast changed it
+                    self.state[param][name] = value.detach().to(device=param.device).clone()
         for group in self.param_groups:
             # a state dict that went through a broadcast or JSON holds betas as a list
             group["betas"] = tuple(map(_validation.to_scalar, group["betas"]))
@@ -257,10 +258,14 @@ class _FusedAdamBase(torch.optim.Optimizer):
                 if not state:
                     state = new_states[param] = _initial_state(param, group["amsgrad"],
                                                                state_dtype, master)
-                elif master and "master_param" not in state:
+                if master and "master_param" not in state:
                     # a torch checkpoint, or master weights switched on: start from the param
                     state = new_states[param] = dict(state, master_param=_master_of(param))
-                elif group["amsgrad"] and "max_exp_avg_sq" not in state:
+                if not master and "master_param" in state:
+                    # master weights switched off: the param is the truth again
+                    state = new_states[param] = {k: v for k, v in state.items()
+                                                 if k != "master_param"}
+                if group["amsgrad"] and "max_exp_avg_sq" not in state:
                     # amsgrad switched on mid-training: start its maximum from zero.
                     state = new_states[param] = dict(
                         state, max_exp_avg_sq=_distributed.zeros_like(param, state_dtype))
@@ -311,6 +316,7 @@ class _FusedAdamBase(torch.optim.Optimizer):
             except GradDtypeChanged:
                 # float32 grads of 16-bit params where there were 16-bit ones (or back): the
                 # kernels specialise on the grad dtype; nothing was launched yet
+                self._check_graph_capture(needs_new_plan=True)
                 self._plan = self._build_plan(grads_by_group, signature)
                 self._plan.run(self, grads_by_group, getattr(self, "grad_scale", None),
                                getattr(self, "found_inf", None))
