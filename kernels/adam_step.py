@@ -4,14 +4,16 @@ One launch updates every tensor of a bucket (same device, dtypes and flags), wha
 count. The host keeps four device tables per bucket (see ``triton_adam/_plan.py``):
 
 * ``tensor_table`` int64 ``[n_tensors, TABLE_WIDTH]``: addresses of param, exp_avg, exp_avg_sq,
-  max_exp_avg_sq (0 without amsgrad) and step, then numel and the param-group index;
+  max_exp_avg_sq (0 without amsgrad) and step, then numel, the param-group index, the address of
+  the master's extra memory (see MASTER_* below; 0 without) and the stochastic-rounding stream's
+  keys: the tensor's index in the optimizer and the global element index of its first element;
 * ``grad_table`` int64 ``[n_tensors]``: grad addresses, kept apart because they change every step
   under ``zero_grad(set_to_none=True)`` while everything else stays put;
 * ``block_map`` int32 ``[n_blocks, 2]``: (tensor index, block index inside that tensor) per program;
 * ``hyper_table`` float64 ``[n_groups, HYPER_WIDTH]``: lr, beta1, beta2, eps, weight_decay, the
   group's flags as 0/1 (decoupled_weight_decay, maximize, eps_mode "paper", bias_correction,
-  weight_decay_mode "schedule"), its initial_lr and max_grad_norm (inf when not clipping), so
-  groups that differ in any of them still share one launch.
+  weight_decay_mode "schedule"), its initial_lr, max_grad_norm (inf when not clipping) and
+  stochastic-rounding seed, so groups that differ in any of them still share one launch.
 
 ``adam_coefficients_kernel`` runs first (one lane per tensor): it advances each tensor's step and
 derives that tensor's scalars in float64, rounding each once to float32 as torch does with its
@@ -24,18 +26,25 @@ import triton.language as tl
 # tensor_table columns
 # (tl.constexpr so that kernels may read them; int() them for torch indexing)
 (COL_PARAM, COL_EXP_AVG, COL_EXP_AVG_SQ, COL_MAX_EXP_AVG_SQ, COL_STEP, COL_NUMEL, COL_GROUP,
- COL_MASTER) = map(tl.constexpr, range(8))
-TABLE_WIDTH = tl.constexpr(8)
+ COL_MASTER, COL_RNG_TENSOR, COL_RNG_OFFSET) = map(tl.constexpr, range(10))
+TABLE_WIDTH = tl.constexpr(10)
 # hyper_table columns
 (HYP_LR, HYP_BETA1, HYP_BETA2, HYP_EPS, HYP_WEIGHT_DECAY, HYP_DECOUPLED, HYP_MAXIMIZE,
  HYP_EPS_PAPER, HYP_BIAS_CORRECTION, HYP_DECAY_SCHEDULE, HYP_INITIAL_LR,
- HYP_MAX_GRAD_NORM) = map(tl.constexpr, range(12))
+ HYP_MAX_GRAD_NORM, HYP_SEED) = map(tl.constexpr, range(13))
 HYPER_WIDTH = tl.constexpr(16)
 # coef_table columns
 (COEF_ONE_MINUS_BETA1, COEF_BETA2, COEF_ONE_MINUS_BETA2, COEF_EPS, COEF_NEG_STEP_SIZE,
- COEF_BC2_SQRT, COEF_PARAM_SCALE, COEF_L2, COEF_GRAD_SIGN, COEF_CLIP) = map(tl.constexpr,
-                                                                          range(10))
+ COEF_BC2_SQRT, COEF_PARAM_SCALE, COEF_L2, COEF_GRAD_SIGN, COEF_CLIP, COEF_STEP,
+ COEF_SEED) = map(tl.constexpr, range(12))
 COEF_WIDTH = tl.constexpr(12)
+
+# How a 16-bit param's float32 value is kept (the MASTER constexpr of the step kernel):
+# MASTER_NONE: the param alone; MASTER_FP32: a float32 copy (4 B more); MASTER_REMAINDER: the low
+# 16 bits of a float32 master beside a bfloat16 param that holds its high half, rounded half away
+# from zero so that the split is exact (2 B more); MASTER_KAHAN: a compensation in the param's
+# dtype, the part of the float32 value the param's rounding lost (2 B more; not exact).
+MASTER_NONE, MASTER_FP32, MASTER_REMAINDER, MASTER_KAHAN = map(tl.constexpr, range(4))
 
 COEF_BLOCK = 128  # tensors per program of the coefficient kernel
 # Steps are float32 in torch's state format, exact up to 2**24; 32 squarings cover any int32 step.
@@ -84,6 +93,7 @@ def adam_coefficients_kernel(
     decay_schedule = tl.load(hyper + HYP_DECAY_SCHEDULE, mask=row_in_range, other=0.0) != 0.0
     initial_lr = tl.load(hyper + HYP_INITIAL_LR, mask=row_in_range, other=1.0)
     max_grad_norm = tl.load(hyper + HYP_MAX_GRAD_NORM, mask=row_in_range, other=0.0)
+    seed = tl.load(hyper + HYP_SEED, mask=row_in_range, other=0.0)
 
     step_taken = row_in_range
     if HAS_FOUND_INF:
@@ -127,6 +137,10 @@ def adam_coefficients_kernel(
     tl.store(coef + COEF_L2, l2.to(tl.float32), mask=row_in_range)
     tl.store(coef + COEF_GRAD_SIGN, tl.where(maximize, -1.0, 1.0).to(tl.float32), mask=row_in_range)
     tl.store(coef + COEF_CLIP, clip, mask=row_in_range)
+    tl.store(coef + COEF_STEP, step, mask=row_in_range)
+    # the seed (< 2**32) travels as the bits of a float32 slot
+    seed_bits = seed.to(tl.int64).to(tl.uint32).to(tl.float32, bitcast=True)
+    tl.store(coef + COEF_SEED, seed_bits, mask=row_in_range)
 
 
 @triton.jit
@@ -161,27 +175,98 @@ def _same_bits(a, b, DTYPE: tl.constexpr):
 
 
 @triton.jit
-def _adam_block(
-    param_ptr, grad_ptr, exp_avg_ptr, exp_avg_sq_ptr, max_exp_avg_sq_ptr, master_ptr, offsets,
-    mask, one_minus_beta1, beta2, one_minus_beta2, eps, neg_step_size, bc2_sqrt, param_scale, l2,
-    grad_sign, clip, grad_scale,
-    PARAM_DTYPE: tl.constexpr, STATE_DTYPE: tl.constexpr, AMSGRAD: tl.constexpr,
-    HAS_GRAD_SCALE: tl.constexpr, HAS_MASTER: tl.constexpr,
-):
-    """Update one block of elements; ``mask`` is None for a full block (vectorisable loads).
-
-    The pointers already point at the block's first element, so ``offsets`` are int32 lanes.
-    With HAS_MASTER the update runs on the float32 master, which is written back, and the param
-    gets its rounding.
-    """
-    stored_param = tl.load(param_ptr + offsets, mask=mask)
+def _load_value(stored_param, master_ptr, offsets, mask, PARAM_DTYPE: tl.constexpr,
+                MASTER: tl.constexpr):
+    """The float32 value a step updates: the param's, or its master's (see MASTER_*)."""
     param = stored_param.to(tl.float32)
-    if HAS_MASTER:
+    if MASTER == MASTER_FP32:
         master = tl.load(master_ptr + offsets, mask=mask)
         # A param written from outside the optimizer (weights loaded, an EMA swap) no longer
         # is its master's rounding: its master restarts from it instead of overwriting it.
         param = tl.where(_same_bits(_rounded(master, PARAM_DTYPE), stored_param, PARAM_DTYPE),
                          master, param)
+    elif MASTER == MASTER_REMAINDER:
+        remainder = tl.load(master_ptr + offsets, mask=mask).to(tl.int32)
+        high = stored_param.to(tl.uint16, bitcast=True).to(tl.uint32)
+        bits = (high << 16) + remainder.to(tl.uint32, bitcast=True)  # wraps, as it should
+        # Any (param, remainder) pair is some master whose rounding is the param, so a param
+        # written from outside keeps its value (the stale remainder moves it by < half an
+        # ulp), except at +-0, where a negative remainder would wrap around to a NaN.
+        wraps = ((high & 0x7FFF) == 0) & (remainder < 0)
+        param = tl.where(wraps, param, bits.to(tl.float32, bitcast=True))
+    elif MASTER == MASTER_KAHAN:
+        param = param + tl.load(master_ptr + offsets, mask=mask).to(tl.float32)
+    return param
+
+
+@triton.jit
+def _random_bits16(rng_key, rng_tensor, elements):
+    """16 uniform random bits (in a uint32) per element, from Philox-4x32-10 keyed on
+    ``rng_key`` (seed, step) and counted by (element index, tensor index): a stream that no
+    state is kept for, the same for the same keys on any device and in the torch fallback."""
+    lo = elements.to(tl.uint32)
+    hi = (elements >> 32).to(tl.uint32)
+    tensor = (lo * 0) + rng_tensor.to(tl.uint32)
+    random, _, _, _ = tl.philox(rng_key, lo, hi, tensor, lo * 0)
+    return random >> 16
+
+
+@triton.jit
+def _store_value(param_ptr, master_ptr, offsets, mask, value, random16,
+                 PARAM_DTYPE: tl.constexpr, MASTER: tl.constexpr,
+                 STOCHASTIC_ROUNDING: tl.constexpr):
+    """Write the updated float32 ``value`` back as the param (and its master's extra memory);
+    ``random16``: 16 random bits per element for stochastic rounding."""
+    if MASTER == MASTER_REMAINDER:
+        bits = value.to(tl.uint32, bitcast=True)
+        is_nan = value != value
+        # half away from zero (a carry on the magnitude's bits): the remainder then lies in
+        # [-2**15, 2**15), one int16, and the master is the param's bits and it, exactly
+        high = tl.where(is_nan, 0x7FC0, (bits + 0x8000) >> 16)
+        remainder = tl.where(is_nan, 0, bits - (high << 16)).to(tl.int32, bitcast=True)
+        tl.store(master_ptr + offsets, remainder.to(tl.int16), mask=mask)
+        tl.store(param_ptr + offsets, high.to(tl.uint16).to(tl.bfloat16, bitcast=True),
+                 mask=mask)
+    elif STOCHASTIC_ROUNDING:
+        # bfloat16 params: adding 16 random bits below the kept ones rounds the magnitude up
+        # with probability (dropped bits) / 2**16, so the rounded value is unbiased
+        bits = value.to(tl.uint32, bitcast=True)
+        bits = (bits + random16) >> 16
+        bits = tl.where(value != value, 0x7FC0, bits)
+        tl.store(param_ptr + offsets, bits.to(tl.uint16).to(tl.bfloat16, bitcast=True),
+                 mask=mask)
+    else:
+        rounded = _rounded(value, PARAM_DTYPE)
+        if MASTER == MASTER_FP32:
+            tl.store(master_ptr + offsets, value, mask=mask)
+        elif MASTER == MASTER_KAHAN:
+            compensation = value - rounded.to(tl.float32)
+            # inf - inf: a non-finite param carries no compensation
+            compensation = tl.where(tl.abs(compensation) < float("inf"), compensation, 0.0)
+            _store_rounded(master_ptr + offsets, compensation, mask, PARAM_DTYPE)
+        tl.store(param_ptr + offsets, rounded, mask=mask)
+
+
+@triton.jit
+def _adam_block(
+    param_ptr, grad_ptr, exp_avg_ptr, exp_avg_sq_ptr, max_exp_avg_sq_ptr, master_ptr, offsets,
+    mask, one_minus_beta1, beta2, one_minus_beta2, eps, neg_step_size, bc2_sqrt, param_scale, l2,
+    grad_sign, clip, grad_scale, rng_key, rng_tensor, rng_start,
+    PARAM_DTYPE: tl.constexpr, STATE_DTYPE: tl.constexpr, AMSGRAD: tl.constexpr,
+    HAS_GRAD_SCALE: tl.constexpr, MASTER: tl.constexpr, STOCHASTIC_ROUNDING: tl.constexpr,
+):
+    """Update one block of elements; ``mask`` is None for a full block (vectorisable loads).
+
+    The pointers already point at the block's first element, so ``offsets`` are int32 lanes;
+    ``rng_start`` is the global index of that element (for stochastic rounding).
+    With a MASTER the update runs on the float32 value it keeps, and the param gets its rounding.
+    """
+    random16 = 0
+    if STOCHASTIC_ROUNDING:
+        # drawn first: the generator's state is dead before the loads and the math begin
+        random16 = _random_bits16(rng_key, rng_tensor, rng_start + offsets)
+    stored_param = tl.load(param_ptr + offsets, mask=mask)
+    param = _load_value(stored_param, master_ptr, offsets, mask, PARAM_DTYPE, MASTER)
     grad = tl.load(grad_ptr + offsets, mask=mask).to(tl.float32)
     exp_avg = tl.load(exp_avg_ptr + offsets, mask=mask).to(tl.float32)
     exp_avg_sq = tl.load(exp_avg_sq_ptr + offsets, mask=mask).to(tl.float32)
@@ -214,9 +299,8 @@ def _adam_block(
         denom = tl.div_rn(tl.sqrt_rn(exp_avg_sq), bc2_sqrt) + eps
     param = param + tl.div_rn(neg_step_size * exp_avg, denom)
 
-    if HAS_MASTER:
-        tl.store(master_ptr + offsets, param, mask=mask)
-    _store_rounded(param_ptr + offsets, param, mask, PARAM_DTYPE)
+    _store_value(param_ptr, master_ptr, offsets, mask, param, random16, PARAM_DTYPE, MASTER,
+                 STOCHASTIC_ROUNDING)
     _store_rounded(exp_avg_ptr + offsets, exp_avg, mask, STATE_DTYPE)
     _store_rounded(exp_avg_sq_ptr + offsets, exp_avg_sq, mask, STATE_DTYPE)
 
@@ -227,17 +311,24 @@ def adam_step_kernel(
     PARAM_DTYPE: tl.constexpr, GRAD_DTYPE: tl.constexpr, STATE_DTYPE: tl.constexpr,
     AMSGRAD: tl.constexpr, HAS_GRAD_SCALE: tl.constexpr, HAS_FOUND_INF: tl.constexpr,
     ALIGNED: tl.constexpr, BLOCK_SIZE: tl.constexpr, TILE_SIZE: tl.constexpr,
-    HAS_MASTER: tl.constexpr = False,
+    MASTER: tl.constexpr = MASTER_NONE, STOCHASTIC_ROUNDING: tl.constexpr = False,
 ):
     """Adam/AdamW on BLOCK_SIZE elements of one tensor per program, in place.
 
     Per element reads param, grad, exp_avg, exp_avg_sq (and max_exp_avg_sq with AMSGRAD), writes
     param, exp_avg, exp_avg_sq (and max_exp_avg_sq): 28 B for float32 AdamW, 36 B with amsgrad,
-    14 B for bfloat16 params and states. The grad is not written back. HAS_MASTER adds a float32
-    master (read and written: +8 B, 30 B for bfloat16 params with float32 states).
+    14 B for bfloat16 params and states. The grad is not written back. MASTER reads and writes
+    the master's extra memory: +8 B (MASTER_FP32), +4 B (MASTER_REMAINDER, MASTER_KAHAN).
+    STOCHASTIC_ROUNDING (bfloat16 params) rounds the param stochastically; no extra bytes.
     ALIGNED promises that every address in the bucket is 16-byte aligned, so full blocks load
     and store 16 bytes per instruction.
     """
+    if MASTER == MASTER_FP32:
+        MASTER_DTYPE: tl.constexpr = tl.float32
+    elif MASTER == MASTER_REMAINDER:
+        MASTER_DTYPE: tl.constexpr = tl.int16
+    else:
+        MASTER_DTYPE: tl.constexpr = PARAM_DTYPE
     pid = tl.program_id(0).to(tl.int64)
     tensor = tl.load(block_map + pid * 2).to(tl.int64)
     block = tl.load(block_map + pid * 2 + 1).to(tl.int64)
@@ -252,7 +343,7 @@ def adam_step_kernel(
         exp_avg_ptr = tl.load(row + COL_EXP_AVG).to(tl.pointer_type(STATE_DTYPE))
         exp_avg_sq_ptr = tl.load(row + COL_EXP_AVG_SQ).to(tl.pointer_type(STATE_DTYPE))
         max_exp_avg_sq_ptr = tl.load(row + COL_MAX_EXP_AVG_SQ).to(tl.pointer_type(STATE_DTYPE))
-        master_ptr = tl.load(row + COL_MASTER).to(tl.pointer_type(tl.float32))
+        master_ptr = tl.load(row + COL_MASTER).to(tl.pointer_type(MASTER_DTYPE))
         numel = tl.load(row + COL_NUMEL)
 
         coef = coef_table + tensor * COEF_WIDTH
@@ -272,6 +363,16 @@ def adam_step_kernel(
 
         # int64 base so that tensors past 2**31 elements work; lane offsets stay int32.
         start = block * BLOCK_SIZE
+        rng_key = 0
+        rng_tensor = 0
+        rng_start = start
+        if STOCHASTIC_ROUNDING:
+            # Philox key: the group's seed in the low word, the tensor's step in the high one
+            seed = tl.load(coef + COEF_SEED).to(tl.uint32, bitcast=True).to(tl.uint64)
+            step = tl.load(coef + COEF_STEP).to(tl.uint64)
+            rng_key = (step << 32) | seed
+            rng_tensor = tl.load(row + COL_RNG_TENSOR)
+            rng_start = start + tl.load(row + COL_RNG_OFFSET)
         param_ptr += start
         grad_ptr += start
         exp_avg_ptr += start
@@ -296,7 +397,9 @@ def adam_step_kernel(
                             max_exp_avg_sq_ptr + tile_start, master_ptr + tile_start, lanes,
                             None, one_minus_beta1, beta2, one_minus_beta2, eps, neg_step_size,
                             bc2_sqrt, param_scale, l2, grad_sign, clip, grad_scale,
-                            PARAM_DTYPE, STATE_DTYPE, AMSGRAD, HAS_GRAD_SCALE, HAS_MASTER)
+                            rng_key, rng_tensor, rng_start + tile_start,
+                            PARAM_DTYPE, STATE_DTYPE, AMSGRAD, HAS_GRAD_SCALE, MASTER,
+                            STOCHASTIC_ROUNDING)
             elif remaining > 0:
                 _adam_block(param_ptr + tile_start, grad_ptr + tile_start,
                             exp_avg_ptr + tile_start, exp_avg_sq_ptr + tile_start,
@@ -304,7 +407,9 @@ def adam_step_kernel(
                             lanes < remaining.to(tl.int32),
                             one_minus_beta1, beta2, one_minus_beta2, eps, neg_step_size,
                             bc2_sqrt, param_scale, l2, grad_sign, clip, grad_scale,
-                            PARAM_DTYPE, STATE_DTYPE, AMSGRAD, HAS_GRAD_SCALE, HAS_MASTER)
+                            rng_key, rng_tensor, rng_start + tile_start,
+                            PARAM_DTYPE, STATE_DTYPE, AMSGRAD, HAS_GRAD_SCALE, MASTER,
+                            STOCHASTIC_ROUNDING)
 
 
 def run_or_compile(kernel, grid, warmup, *args, **kwargs):
@@ -347,7 +452,7 @@ def launch_adam_step(tensor_table, grad_table, block_map, coef_table, grad_scale
     """Launch ``adam_step_kernel`` over ``n_blocks`` programs (with ``warmup``, compile only).
 
     ``spec`` maps the constexpr names PARAM_DTYPE, GRAD_DTYPE, STATE_DTYPE (triton dtypes),
-    AMSGRAD, ALIGNED (bools); ``grad_scale`` and ``found_inf`` are float32
+    AMSGRAD, ALIGNED, STOCHASTIC_ROUNDING (bools) and MASTER (a MASTER_* value); ``grad_scale`` and ``found_inf`` are float32
     device tensors or None.
     """
     if n_blocks == 0:

@@ -128,6 +128,59 @@ def fsdp2_uneven_and_empty_shards(rank, world_size, shared_dir):
                                 backend, f"{backend} amsgrad={amsgrad}: ")
 
 
+def precision_rungs_on_fsdp2(rank, world_size, shared_dir):
+    """bfloat16 params under FSDP2 (uneven and empty shards) with each precision rung: the
+    master remainder and the Kahan compensation are DTensors with the param's placements, the
+    state_dict's master a float32 DTensor, and the gathered params (and masters) are bit for
+    bit those of the same rung on the unsharded model fed the full grads: the step is
+    elementwise, and stochastic rounding draws by global element index."""
+    from triton_adam import _precision
+
+    rungs = [dict(master_weights="compact"), dict(master_weights=True),
+             dict(kahan_summation=True), dict(stochastic_rounding=True, seed=3)]
+    for backend in BACKENDS:
+        for rung in rungs:
+            base = two_layer(seed=4).to(torch.bfloat16)
+            model, plain = copy.deepcopy(base), copy.deepcopy(base)
+            fully_shard(model[0])
+            fully_shard(model[2])
+            fully_shard(model)
+            opt = triton_adam.AdamW(model.parameters(), lr=0.01, backend=backend, **rung)
+            ref = triton_adam.AdamW(plain.parameters(), lr=0.01, backend=backend, **rung)
+            for step in range(STEPS):
+                generator = torch.Generator().manual_seed(step)  # the same on every rank
+                for p, q in zip(model.parameters(), plain.parameters()):
+                    full = torch.randn(q.shape, generator=generator).to(torch.bfloat16)
+                    q.grad = full.clone()
+                    p.grad = DTensor.from_local(_shard_of(full, p).clone(), p.device_mesh,
+                                                p.placements, shape=p.shape, stride=p.stride())
+                opt.step()
+                ref.step()
+            what = f"{backend} {rung}"
+            for p, q in zip(model.parameters(), plain.parameters()):
+                assert torch.equal(p.full_tensor().view(torch.int16), q.view(torch.int16)), what
+                key = next((k for k in _precision.EXTRA_KEYS.values() if k in opt.state[p]),
+                           None)
+                if key is not None:
+                    extra = opt.state[p][key]
+                    assert isinstance(extra, DTensor) and extra.placements == p.placements, what
+                    # (compared shard by shard: gloo cannot gather int16)
+                    assert torch.equal(local(extra), _shard_of(ref.state[q][key], p)), what
+            saved = opt.state_dict()["state"]
+            if rung.get("master_weights"):
+                masters = [s["master_param"] for s in saved.values()]
+                assert all(isinstance(m, DTensor) and m.dtype == torch.float32 for m in masters)
+
+
+def _shard_of(full, param):
+    """The part of a full tensor that is ``param``'s local shard (Shard/Replicate placements)."""
+    from torch.distributed.tensor._utils import compute_local_shape_and_global_offset
+
+    shape, offsets = compute_local_shape_and_global_offset(param.shape, param.device_mesh,
+                                                           param.placements)
+    return full[tuple(slice(o, o + n) for o, n in zip(offsets, shape))]
+
+
 def fsdp2_shard1_placement(rank, world_size, shared_dir):
     """shard_placement_fn: Shard(1) (FSDP2 needs even sizes there)."""
     for backend in BACKENDS:

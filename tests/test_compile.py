@@ -167,13 +167,14 @@ def test_custom_op_passes_opcheck():
     model, extra = _model()
     opt = triton_adam.AdamW(_groups(model, extra), lr=1e-2, backend="torch")
     _backward(model, extra, 0)
-    lists = [[] for _ in range(6)]
+    lists = [[] for _ in range(7)]  # params, grads, 4 states, extras
     groups = []
     for index, group in enumerate(opt.param_groups):
         before = len(lists[0])
         opt._init_group(group, *lists)
         groups += [index] * (len(lists[0]) - before)
-    args = (*lists, [], None, None, groups, opt._compile_handle)
+    indices = list(range(len(lists[0])))
+    args = (*lists, [], None, None, groups, indices, opt._compile_handle)
     torch.library.opcheck(torch.ops.triton_adam.adam_step.default, args,
                           test_utils=("test_schema", "test_faketensor"))
 
@@ -218,3 +219,41 @@ def test_a_dead_optimizer_leaves_no_handle():
     del opt
     gc.collect()
     assert handle not in _compile._OPTIMIZERS
+
+
+@pytest.mark.parametrize("compiler", COMPILERS)
+@pytest.mark.parametrize("backend", OPT_BACKENDS)
+@pytest.mark.parametrize("rung", [dict(master_weights=True), dict(master_weights="compact"),
+                                  dict(kahan_summation=True),
+                                  dict(stochastic_rounding=True, seed=5)],
+                         ids=["master", "compact", "kahan", "sr"])
+def test_precision_rungs_compile_and_match_eager(backend, compiler, rung):
+    """Masters, remainders and compensations travel through the op as mutated arguments; the
+    stochastic-rounding stream keys (param indices) are the eager step's, so the bits agree."""
+    def build():
+        torch.manual_seed(0)
+        model = torch.nn.Sequential(torch.nn.Linear(6, 5), torch.nn.Tanh(),
+                                    torch.nn.Linear(5, 3)).to(torch.bfloat16)
+        return model
+    model, eager_model = build(), build()
+    model[0].bias.requires_grad_(False)  # a param without a grad shifts the later indices
+    eager_model[0].bias.requires_grad_(False)
+    opt = triton_adam.AdamW(model.parameters(), lr=1e-2, backend=backend, **rung)
+    eager = triton_adam.AdamW(eager_model.parameters(), lr=1e-2, backend=backend, **rung)
+    compiled_step = torch.compile(opt.step, backend=compiler, fullgraph=True)
+    params = [p for p in model.parameters() if p.requires_grad]
+    eager_params = [p for p in eager_model.parameters() if p.requires_grad]
+    for step in range(3):
+        for m in (model, eager_model):
+            x = torch.randn(4, 6, generator=torch.Generator().manual_seed(step))
+            m(x.to(torch.bfloat16)).float().square().mean().backward()
+        compiled_step()
+        eager.step()
+        _assert_same(opt, eager, params, eager_params)
+    key = {"master_weights": "master_param"}.get(next(iter(rung)))
+    if rung.get("master_weights") == "compact":
+        key = "master_remainder"
+    elif rung.get("kahan_summation"):
+        key = "kahan_compensation"
+    if key:
+        assert all(key in opt.state[p] for p in params)

@@ -1,4 +1,5 @@
-"""master_weights=True: a float32 master per bfloat16/float16 param, stepped in its place."""
+"""master_weights=True / "compact": a float32 master per bfloat16/float16 param, stepped in its
+place (a float32 copy, or the low 16 bits beside a bfloat16 param)."""
 import copy
 import itertools
 
@@ -8,20 +9,35 @@ import torch
 import triton_adam
 from conftest import DEVICE_BACKENDS
 from interpreter_faults import skip_if_fma_rounds_twice
+from triton_adam import _precision
 
 FLAGS = list(itertools.product([False, True], [False, True], [0.0, 0.1], ["Adam", "AdamW"]))
 FLAG_IDS = [f"ams{int(a)}-max{int(m)}-wd{w}-{c}" for a, m, w, c in FLAGS]
 STEPS = 20
+# (param dtype, master_weights): the remainder form needs bfloat16 params
+MODES = [(torch.bfloat16, True), (torch.float16, True), (torch.bfloat16, "compact")]
+MODE_IDS = ["bf16", "fp16", "bf16-compact"]
+
+
+def master_of(opt, param):
+    """The param's float32 master, whichever form the optimizer keeps it in."""
+    return _precision.dense_master(param, opt.state[param])
+
+
+def rounding_of(master, dtype, mode):
+    """The param a master gives: nearest even (True), half away from zero ("compact")."""
+    return _precision.split_half_away(master)[0] if mode == "compact" else master.to(dtype)
 
 
 @pytest.mark.parametrize("device,backend", DEVICE_BACKENDS)
-@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=["bf16", "fp16"])
+@pytest.mark.parametrize("dtype,mode", MODES, ids=MODE_IDS)
 @pytest.mark.parametrize("amsgrad,maximize,weight_decay,cls", FLAGS, ids=FLAG_IDS)
-def test_master_follows_float32_torch_fused_bit_for_bit(device, backend, dtype, amsgrad,
+def test_master_follows_float32_torch_fused_bit_for_bit(device, backend, dtype, mode, amsgrad,
                                                         maximize, weight_decay, cls):
     """The master's trajectory is torch.optim's fused AdamW/Adam on float32 params fed the same
-    grads (upcast exactly), every step; the param is always its master rounded to nearest even.
-    (5120 elements: torch's scalar tail loop rounds exp_avg_sq unlike its vector body.)"""
+    grads (upcast exactly), every step, in both forms; the param is always its master's
+    rounding. (5120 elements: torch's scalar tail loop rounds exp_avg_sq unlike its vector
+    body.)"""
     skip_if_fma_rounds_twice(torch.float32)
     generator = torch.Generator().manual_seed(23)
     initial = torch.randn(5120, generator=generator).to(dtype)
@@ -29,29 +45,34 @@ def test_master_follows_float32_torch_fused_bit_for_bit(device, backend, dtype, 
     theirs = torch.nn.Parameter(initial.float())
     hyper = dict(lr=1e-3, betas=(0.8, 0.99), eps=1e-6, weight_decay=weight_decay,
                  amsgrad=amsgrad, maximize=maximize)
-    opt = getattr(triton_adam, cls)([ours], backend=backend, master_weights=True, **hyper)
+    opt = getattr(triton_adam, cls)([ours], backend=backend, master_weights=mode, **hyper)
     ref = getattr(torch.optim, cls)([theirs], fused=True, **hyper)
     for _ in range(STEPS):
         grad = (torch.randn(5120, generator=generator) * 1e-2).to(dtype)
         ours.grad, theirs.grad = grad.to(device), grad.float()
         opt.step()
         ref.step()
-        master = opt.state[ours]["master_param"]
+        master = master_of(opt, ours)
         assert master.dtype == torch.float32
         assert torch.equal(master.cpu(), theirs.detach())
-        assert torch.equal(ours.detach(), master.to(dtype))
+        assert torch.equal(ours.detach().view(torch.int16),
+                           rounding_of(master, dtype, mode).view(torch.int16))
+    if mode == "compact":
+        assert opt.state[ours]["master_remainder"].dtype == torch.int16
+        assert "master_param" not in opt.state[ours]
     for key in ("exp_avg", "exp_avg_sq") + (("max_exp_avg_sq",) if amsgrad else ()):
         assert torch.equal(opt.state[ours][key].cpu(), ref.state[theirs][key]), key
 
 
 @pytest.mark.parametrize("device,backend", DEVICE_BACKENDS)
-def test_small_updates_accumulate_in_the_master(device, backend):
+@pytest.mark.parametrize("mode", [True, "compact"])
+def test_small_updates_accumulate_in_the_master(device, backend, mode):
     """Updates under half a bfloat16 ulp vanish from a pure-bfloat16 param; the master keeps
     them, and the param moves once they add up."""
     ones = torch.ones(1000, dtype=torch.bfloat16, device=device)
     pure, mixed = torch.nn.Parameter(ones.clone()), torch.nn.Parameter(ones.clone())
     opts = [triton_adam.Adam([p], lr=1e-4, backend=backend, master_weights=m)
-            for p, m in ((pure, False), (mixed, True))]
+            for p, m in ((pure, False), (mixed, mode))]
     for _ in range(60):
         for p, opt in zip((pure, mixed), opts):
             p.grad = torch.ones_like(p)
@@ -136,9 +157,12 @@ def test_state_dict_keeps_a_float32_master(device, backend):
 
 
 def test_bad_master_weights_are_refused_before_anything_changes():
-    with pytest.raises(ValueError, match="compact"):
-        triton_adam.AdamW([torch.nn.Parameter(torch.ones(2, dtype=torch.bfloat16))],
-                          master_weights="compact")
+    half = torch.nn.Parameter(torch.ones(2, dtype=torch.float16))
+    opt = triton_adam.AdamW([half], master_weights="compact")
+    half.grad = torch.ones_like(half)
+    with pytest.raises(TypeError, match="compact.*float16"):
+        opt.step()
+    assert torch.equal(half, torch.ones_like(half)) and not opt.state
     with pytest.raises(ValueError, match="master_weights"):
         triton_adam.AdamW([torch.nn.Parameter(torch.ones(2))], master_weights="yes")
     p = torch.nn.Parameter(torch.ones(3))
@@ -147,12 +171,6 @@ def test_bad_master_weights_are_refused_before_anything_changes():
     with pytest.raises(TypeError, match="master_weights"):
         opt.step()
     assert torch.equal(p, torch.ones(3)) and not opt.state
-    q = torch.nn.Parameter(torch.ones(3, dtype=torch.bfloat16))
-    opt = triton_adam.AdamW([q], master_weights=True, state_dtype=torch.bfloat16)
-    q.grad = torch.ones(3, dtype=torch.bfloat16)
-    with pytest.raises(ValueError, match="master_weights"):
-        opt.step()
-    assert not opt.state
 
 
 def test_fsdp2_masters_are_dtensors_of_the_local_shards():

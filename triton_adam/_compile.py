@@ -24,7 +24,7 @@ from typing import List, Optional
 import torch
 from torch import Tensor
 
-from . import _validation
+from . import _precision, _validation
 
 # handle (the optimizer's id) -> weak reference: the op's arguments can only be tensors and
 # plain values, so the graph names its optimizer by this integer
@@ -55,13 +55,16 @@ def _forget(handle: int):
     return callback
 
 
-def init_group(optimizer, group, params, grads, exp_avgs, exp_avg_sqs, max_exp_avg_sqs, steps):
+def init_group(optimizer, group, params, grads, exp_avgs, exp_avg_sqs, max_exp_avg_sqs, steps,
+               extras=None):
     """Check every param and grad, create missing state, and list ``group``'s step tensors.
 
     Runs eagerly while dynamo traces ``step()`` (dynamo calls an optimizer's ``_init_group``
     itself, as for torch.optim's), so it may read data pointers and create tensors. Appends, for
     each param of ``group`` with a grad: the param, its grad and its state tensors
-    (``max_exp_avg_sqs`` only with amsgrad). Nothing is created if any check fails.
+    (``max_exp_avg_sqs`` only with amsgrad; ``extras``, if given, the float32 master, master
+    remainder or Kahan compensation of the params that keep one). Nothing is created if any
+    check fails.
     """
     handle = id(optimizer)
     if _optimizer(handle) is not optimizer:
@@ -71,10 +74,6 @@ def init_group(optimizer, group, params, grads, exp_avgs, exp_avg_sqs, max_exp_a
     # size after each call, and guards taken while it still grows would fail at the next step.
     for group_index, each in enumerate(optimizer.param_groups):
         for position, param in enumerate(each["params"]):
-            if each.get("master_weights", False):
-                raise NotImplementedError(
-                    "triton-adam: torch.compile of step() with master_weights=True is not "
-                    "supported yet; call opt.step() outside the compiled function")
             if _is_dtensor(param):
                 raise NotImplementedError(
                     "triton-adam: torch.compile of step() with DTensor (FSDP2) params is not "
@@ -83,12 +82,14 @@ def init_group(optimizer, group, params, grads, exp_avgs, exp_avg_sqs, max_exp_a
             _validation.check_param(group_index, position, param)
             if param.grad is not None:
                 _validation.check_grad(group_index, position, param, param.grad)
+                _precision.of(each, param,
+                              _validation.describe(group_index, position, param))
     optimizer._normalize_steps()
     for each in optimizer.param_groups:
         for param in each["params"]:
             if param.grad is not None:
                 _init_state(optimizer, param, bool(each["amsgrad"]),
-                            _validation.state_dtype_for(each, param))
+                            _precision.of(each, param))
     _ensure_result_buffers(optimizer)
     for param in group["params"]:
         if param.grad is None:
@@ -101,27 +102,41 @@ def init_group(optimizer, group, params, grads, exp_avgs, exp_avg_sqs, max_exp_a
         steps.append(state["step"])
         if group["amsgrad"]:
             max_exp_avg_sqs.append(state["max_exp_avg_sq"])
+        extra_key = _precision.of(group, param).extra_key
+        if extra_key is not None and extras is not None:
+            extras.append(state[extra_key])
     return False
 
 
-def _init_state(optimizer, param, amsgrad: bool, state_dtype) -> None:
+def _init_state(optimizer, param, amsgrad: bool, precision) -> None:
     """Create the param's missing state, as an eager step does, in the layout the kernels use."""
+    state_dtype = precision.state_dtype
     state = optimizer.state.get(param)
     if not state:
         from .optimizer import _initial_state
-        state = optimizer.state[param] = _initial_state(param, amsgrad, state_dtype)
+        state = optimizer.state[param] = _initial_state(param, amsgrad, precision)
+    # a loaded checkpoint or a switched mode: the float32 value in this mode's form
+    converted, rewrite = _precision.convert(param, state, precision)
+    if converted is not state:
+        state = optimizer.state[param] = converted
+    if rewrite is not None:
+        param.detach().copy_(rewrite)
     elif amsgrad and "max_exp_avg_sq" not in state:
         # amsgrad switched on mid-training: start its maximum from zero (as eager steps do)
         state["max_exp_avg_sq"] = torch.zeros_like(param, dtype=state_dtype,
                                                    memory_format=torch.preserve_format)
-    for key in ("exp_avg", "exp_avg_sq", "max_exp_avg_sq"):
+    for key in ("exp_avg", "exp_avg_sq", "max_exp_avg_sq", precision.extra_key):
         # the kernels index states with the param's strides: a loaded state gets them here,
         # where the optimizer's own state can be replaced (a value-preserving copy)
-        value = state.get(key)
-        if value is not None and value.dtype != state_dtype:
-            state[key] = value = value.to(state_dtype)  # torch's load cast them to the param's
-        if value is not None and value.stride() != param.stride() and param.numel() > 1:
-            state[key] = torch.empty_like(param, dtype=state_dtype).copy_(value)
+        value = state.get(key) if key else None
+        if value is None:
+            continue
+        dtype = state_dtype if key != precision.extra_key else \
+            precision.extra_dtype(param.dtype)
+        if value.dtype != dtype:
+            state[key] = value = value.to(dtype)  # torch's load cast them to the param's
+        if value.stride() != param.stride() and param.numel() > 1:
+            state[key] = torch.empty_like(param, dtype=dtype).copy_(value)
 
 
 def _ensure_result_buffers(optimizer) -> None:
@@ -149,21 +164,25 @@ def compiled_step(optimizer, closure=None):
         with torch.enable_grad():
             loss = closure()
     params, grads, exp_avgs, exp_avg_sqs, max_exp_avg_sqs, steps = [], [], [], [], [], []
-    groups = []
-    group_index = 0
+    extras = []
+    groups, indices = [], []
+    group_index = first_index = 0
     for group in optimizer.param_groups:
         before = len(params)
         optimizer._init_group(group, params, grads, exp_avgs, exp_avg_sqs, max_exp_avg_sqs,
-                              steps)
+                              steps, extras)
         groups += [group_index] * (len(params) - before)
+        # each stepped param's index in the optimizer: stochastic rounding's stream key
+        indices += [first_index + i for i, p in enumerate(group["params"]) if p.grad is not None]
         group_index += 1
+        first_index += len(group["params"])
     results = []
     if optimizer.max_grad_norm is not None or optimizer.skip_nonfinite:
         results = [optimizer.last_grad_norm, optimizer.last_step_skipped]
     torch.ops.triton_adam.adam_step(
-        params, grads, exp_avgs, exp_avg_sqs, max_exp_avg_sqs, steps, results,
+        params, grads, exp_avgs, exp_avg_sqs, max_exp_avg_sqs, steps, extras, results,
         getattr(optimizer, "grad_scale", None), getattr(optimizer, "found_inf", None), groups,
-        optimizer._compile_handle)
+        indices, optimizer._compile_handle)
     return loss
 
 
@@ -176,7 +195,7 @@ class _StepView:
     """
 
     def __init__(self, optimizer, params, grads, exp_avgs, exp_avg_sqs, max_exp_avg_sqs, steps,
-                 groups):
+                 extras, groups, indices):
         self.backend = optimizer.backend
         self.max_grad_norm = optimizer.max_grad_norm
         self.skip_nonfinite = optimizer.skip_nonfinite
@@ -185,7 +204,9 @@ class _StepView:
         self.param_groups = [dict(group, params=[]) for group in optimizer.param_groups]
         self.grads_by_group = [[] for _ in optimizer.param_groups]
         self.state = {}
+        self.param_index = {}  # each param's index in the optimizer (see StepPlan)
         max_exp_avg_sqs = iter(max_exp_avg_sqs)
+        extras = iter(extras)
         for i, gi in enumerate(groups):
             param = params[i]
             self.param_groups[gi]["params"].append(param)
@@ -193,7 +214,11 @@ class _StepView:
             state = {"step": steps[i], "exp_avg": exp_avgs[i], "exp_avg_sq": exp_avg_sqs[i]}
             if self.param_groups[gi]["amsgrad"]:
                 state["max_exp_avg_sq"] = next(max_exp_avg_sqs)
+            extra_key = _precision.of(self.param_groups[gi], param).extra_key
+            if extra_key is not None:
+                state[extra_key] = next(extras)
             self.state[param] = state
+            self.param_index[param] = indices[i]
 
 
 def _owns(optimizer, view) -> bool:
@@ -213,6 +238,8 @@ def _plan_for(optimizer, view):
            tuple((gi, tuple((p.data_ptr(),) + tuple(t.data_ptr() for t in states[p].values())
                             for p in group["params"]), bool(group["amsgrad"]),
                   bool(group["maximize"]), bool(group.get("decoupled_weight_decay", False)),
+                  group.get("state_dtype"), group.get("master_weights", False),
+                  bool(group.get("kahan_summation")), bool(group.get("stochastic_rounding")),
                   # the launch specialises on the grads' dtypes (float32 grads of 16-bit params)
                   tuple(None if g is None else g.dtype for g in view.grads_by_group[gi]))
                  for gi, group in enumerate(view.param_groups)))
@@ -231,22 +258,26 @@ def _plan_for(optimizer, view):
 
 @torch.library.custom_op(
     "triton_adam::adam_step",
-    mutates_args=("params", "exp_avgs", "exp_avg_sqs", "max_exp_avg_sqs", "steps", "results"))
+    mutates_args=("params", "exp_avgs", "exp_avg_sqs", "max_exp_avg_sqs", "steps", "extras",
+                  "results"))
 def adam_step(params: List[Tensor], grads: List[Tensor], exp_avgs: List[Tensor],
               exp_avg_sqs: List[Tensor], max_exp_avg_sqs: List[Tensor], steps: List[Tensor],
-              results: List[Tensor], grad_scale: Optional[Tensor], found_inf: Optional[Tensor],
-              groups: List[int], handle: int) -> None:
+              extras: List[Tensor], results: List[Tensor], grad_scale: Optional[Tensor],
+              found_inf: Optional[Tensor], groups: List[int], indices: List[int],
+              handle: int) -> None:
     """One Adam/AdamW step of the optimizer ``handle`` names, on the given tensors, in place.
 
-    ``groups[i]`` is the param group of ``params[i]``; ``max_exp_avg_sqs`` lists the states of
-    the amsgrad groups' params, in order. With clipping or skipping, ``results`` holds two 0-d
-    tensors that receive the global grad norm and whether the step was skipped.
+    ``groups[i]`` is the param group of ``params[i]`` and ``indices[i]`` its index in the
+    optimizer (all groups' params in order); ``max_exp_avg_sqs`` lists the states of
+    the amsgrad groups' params, in order, and ``extras`` the masters, master remainders or
+    Kahan compensations of the params that keep one. With clipping or skipping, ``results``
+    holds two 0-d tensors that receive the global grad norm and whether the step was skipped.
     """
     optimizer = _optimizer(handle)
     if optimizer is None:
         raise RuntimeError("triton-adam: the optimizer of this compiled step no longer exists")
     view = _StepView(optimizer, params, grads, exp_avgs, exp_avg_sqs, max_exp_avg_sqs, steps,
-                     groups)
+                     extras, groups, indices)
     plan = _plan_for(optimizer, view)
     plan.run(view, view.grads_by_group, grad_scale, found_inf)
     if results:
@@ -255,6 +286,6 @@ def adam_step(params: List[Tensor], grads: List[Tensor], exp_avgs: List[Tensor],
 
 
 @adam_step.register_fake
-def _(params, grads, exp_avgs, exp_avg_sqs, max_exp_avg_sqs, steps, results, grad_scale,
-      found_inf, groups, handle):
+def _(params, grads, exp_avgs, exp_avg_sqs, max_exp_avg_sqs, steps, extras, results, grad_scale,
+      found_inf, groups, indices, handle):
     """Every effect is an in-place update of an argument: nothing to compute for shapes."""

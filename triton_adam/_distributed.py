@@ -108,6 +108,21 @@ def adopt_state(what: str, key: str, param: Tensor, value: Tensor) -> Tensor:
     return value
 
 
+def global_offset(param: Tensor) -> int:
+    """The global flat index (row-major) of the local shard's first element; 0 for a plain
+    tensor. Stochastic rounding counts its random stream by it, so replicas of a shard draw the
+    same numbers, and with dim-0 sharding (FSDP2's) every element draws the same numbers at any
+    world size."""
+    if not is_dtensor(param) or param._local_tensor.numel() == 0:
+        return 0
+    from torch.distributed.tensor._utils import compute_local_shape_and_global_offset
+
+    _, offsets = compute_local_shape_and_global_offset(param.shape, param.device_mesh,
+                                                       param.placements)
+    strides = torch.empty(param.shape, device="meta").stride()
+    return int(sum(o * s for o, s in zip(offsets, strides)))
+
+
 def check_local_layout(what: str, key: str, param: Tensor, value: Tensor) -> None:
     """Raise if a DTensor state's local shard does not match the param's local shard."""
     if is_dtensor(param) and local(value).shape != param._local_tensor.shape:

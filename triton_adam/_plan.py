@@ -14,11 +14,11 @@ import numpy as np
 import torch
 from torch import Tensor
 
-from . import _distributed, _validation
+from . import _distributed, _precision, _validation
 from ._distributed import local
 from ._grad_norm import TritonGradNorm
-from ._tables import (ALIGNED_TILE_SIZE, ALIGNMENT, BLOCK_SIZE, NUM_WARPS, UNALIGNED_TILE_SIZE,
-                      build_block_map, on_device, to_device, triton_dtype, upload)
+from ._tables import (ALIGNMENT, BLOCK_SIZE, NUM_WARPS, build_block_map, on_device,
+                      step_tile_size, to_device, triton_dtype, upload)
 from ._torch_backend import TorchBucket, grad_norm_and_nonfinite, segment_totals
 from ._warmup import compile_plan
 from .kernels import adam_step as K
@@ -72,8 +72,12 @@ class Member:
     # through a stale address
     state_tensors: tuple = ()
     segment: int = 0  # the grad-norm segment (see _distributed.NormReduction)
-    has_master: bool = False  # a float32 master_param in the state, stepped in its place
+    precision: _precision.Precision = None  # state dtype, master or compensation, rounding
     grad_dtype: torch.dtype = None  # the param's dtype, or float32 grads of 16-bit params
+    # stochastic rounding's stream keys: the param's index in the optimizer, and the global
+    # element index of the local shard's first element
+    rng_tensor: int = 0
+    rng_offset: int = 0
 
     @classmethod
     def of(cls, group_index, position, param, state):
@@ -88,6 +92,11 @@ class Member:
 
     def describe(self) -> str:
         return _validation.describe(self.group_index, self.position, self.param)
+
+    @property
+    def extra_key(self):
+        """The state key of the master or compensation stepped with the param, or None."""
+        return self.precision.extra_key if self.precision is not None else None
 
     @property
     def flat_grad_dtype(self) -> torch.dtype:
@@ -132,6 +141,7 @@ def hyper_row(group: dict, device: torch.device):
     row[int(K.HYP_DECAY_SCHEDULE)] = float(group.get("weight_decay_mode", "torch") == "schedule")
     # without a scheduler, the schedule multiplier lr / initial_lr is 1
     row[int(K.HYP_INITIAL_LR)] = value(K.HYP_INITIAL_LR, group.get("initial_lr", lr)) or 1.0
+    row[int(K.HYP_SEED)] = float(group.get("seed") or 0)
     return tuple(row), on_device
 
 
@@ -199,13 +209,16 @@ class TritonBucket:
         n = len(members)
         dtype = members[0].flat_param.dtype
         state_dtype = members[0].flat(members[0].state["exp_avg"]).dtype
-        has_master = members[0].has_master
+        precision = members[0].precision
+        extra_key = members[0].extra_key
         table = np.zeros((max(n, 1), int(K.TABLE_WIDTH)), dtype=np.int64)
         for row, m in enumerate(members):
             s = m.state
             table[row, K.COL_STEP] = s["step"].data_ptr()
             table[row, K.COL_NUMEL] = m.flat_param.numel()
             table[row, K.COL_GROUP] = m.group_index
+            table[row, K.COL_RNG_TENSOR] = m.rng_tensor
+            table[row, K.COL_RNG_OFFSET] = m.rng_offset
             if m.numel == 0:
                 # An empty tensor or shard (its address may be 0 or odd) advances its step in
                 # the coefficient kernel and takes no block: its addresses are never read.
@@ -215,11 +228,11 @@ class TritonBucket:
             table[row, K.COL_EXP_AVG_SQ] = m.flat(s["exp_avg_sq"]).data_ptr()
             if amsgrad:
                 table[row, K.COL_MAX_EXP_AVG_SQ] = m.flat(s["max_exp_avg_sq"]).data_ptr()
-            if has_master:
-                table[row, K.COL_MASTER] = m.flat(s["master_param"]).data_ptr()
+            if extra_key:
+                table[row, K.COL_MASTER] = m.flat(s[extra_key]).data_ptr()
         columns = [K.COL_PARAM, K.COL_EXP_AVG, K.COL_EXP_AVG_SQ]
         columns += [K.COL_MAX_EXP_AVG_SQ] if amsgrad else []
-        columns += [K.COL_MASTER] if has_master else []
+        columns += [K.COL_MASTER] if extra_key else []
         addresses = table[:n, [int(c) for c in columns]]
         self.nonempty = np.array([m.numel > 0 for m in members], dtype=bool)
         # per member: its own tensors are 16-byte aligned (empty ones take no block anyway)
@@ -241,7 +254,9 @@ class TritonBucket:
         self.spec = dict(
             PARAM_DTYPE=triton_dtype(dtype),
             GRAD_DTYPE=triton_dtype(members[0].flat_grad_dtype),
-            STATE_DTYPE=triton_dtype(state_dtype), AMSGRAD=amsgrad, HAS_MASTER=has_master,
+            STATE_DTYPE=triton_dtype(state_dtype), AMSGRAD=amsgrad,
+            MASTER=KERNEL_MASTER_MODES[precision.extra],
+            STOCHASTIC_ROUNDING=precision.stochastic,
         )
 
     def prepare(self, grads) -> None:
@@ -292,17 +307,22 @@ class TritonBucket:
                 K.launch_adam_step(
                     self.tensor_table, self.grad_table, r.block_map, self.coef_table,
                     grad_scale, found_inf, r.n_blocks, dict(self.spec, ALIGNED=r.aligned),
-                    BLOCK_SIZE, ALIGNED_TILE_SIZE if r.aligned else UNALIGNED_TILE_SIZE,
-                    NUM_WARPS)
+                    BLOCK_SIZE, step_tile_size(r.aligned, self.spec["MASTER"]), NUM_WARPS)
 
 
 def state_key_names(amsgrad: bool):
     return ("exp_avg", "exp_avg_sq", "max_exp_avg_sq") if amsgrad else ("exp_avg", "exp_avg_sq")
 
 
-def memory_keys(amsgrad: bool, master: bool):
-    """The state tensors a step reads and writes element by element."""
-    return state_key_names(amsgrad) + (("master_param",) if master else ())
+def memory_keys(amsgrad: bool, extra_key=None):
+    """The state tensors a step reads and writes element by element (``extra_key``: the
+    master's or compensation's, if any)."""
+    return state_key_names(amsgrad) + ((extra_key,) if extra_key else ())
+
+
+# a param's extra state (see _precision) -> the step kernel's MASTER constexpr
+KERNEL_MASTER_MODES = {None: int(K.MASTER_NONE), "fp32": int(K.MASTER_FP32),
+                       "remainder": int(K.MASTER_REMAINDER), "kahan": int(K.MASTER_KAHAN)}
 
 
 class StepPlan:
@@ -316,6 +336,10 @@ class StepPlan:
         self.norm_reduction = _distributed.NormReduction(
             p for group in groups for p in group["params"])
         members_by_key: dict = {}
+        first_index = np.cumsum([0] + [len(g["params"]) for g in groups])
+        # the params' indices in the optimizer (a compiled step's view of it lists only the
+        # params with grads, and says where they sit)
+        param_index = getattr(optimizer, "param_index", None)
         for gi, (group, grads) in enumerate(zip(groups, grads_by_group)):
             decoupled = bool(group.get("decoupled_weight_decay", False))
             amsgrad, maximize = bool(group["amsgrad"]), bool(group["maximize"])
@@ -325,18 +349,21 @@ class StepPlan:
                 backend = choose_backend(optimizer.backend, param.device, param.dtype,
                                          _validation.describe(gi, pi, param))
                 state = states[param]
-                state_dtype = _validation.state_dtype_for(group, param)
-                master = _validation.uses_master(group, param)
-                _validation.check_state(gi, pi, param, state, amsgrad, state_dtype, master)
+                precision = _precision.of(group, param, _validation.describe(gi, pi, param))
+                _validation.check_state(gi, pi, param, state, amsgrad, precision)
                 member = Member.of(gi, pi, param, state)
                 member.segment = self.norm_reduction.segment_index(param)
                 member.grad_dtype = grad.dtype
-                member.has_master = master
+                member.precision = precision
+                member.rng_tensor = (param_index[param] if param_index is not None
+                                     else int(first_index[gi]) + pi)
+                member.rng_offset = _distributed.global_offset(param)
                 _check_state_layout(member, amsgrad)
-                member.keep(("step",) + memory_keys(amsgrad, master))
+                member.keep(("step",) + memory_keys(amsgrad, member.extra_key))
                 # Hyperparameters and the decoupled/maximize flags are per tensor in the Triton
                 # launch; torch's fused kernels take them per call, hence per group.
-                dtypes = (member.flat_param.dtype, state_dtype, grad.dtype, master)
+                dtypes = (member.flat_param.dtype, precision.state_dtype, grad.dtype,
+                          precision.extra, precision.stochastic)
                 key = (backend, param.device, dtypes, amsgrad)
                 if backend == "torch":
                     key = key + (gi, decoupled, maximize)
@@ -349,7 +376,7 @@ class StepPlan:
         for members in by_device.values():
             tensors, names = [], []
             for m in members:
-                keys = memory_keys("max_exp_avg_sq" in m.state, m.has_master)
+                keys = memory_keys("max_exp_avg_sq" in m.state, m.extra_key)
                 tensors += [m.flat_param] + [m.flat(m.state[k]) for k in keys]
                 names += [_validation.describe(m.group_index, m.position, m.param)] + [
                     f"state '{k}' of {_validation.describe(m.group_index, m.position, m.param)}"
@@ -544,7 +571,7 @@ def _kernel_grad(member: Member, grad: Tensor) -> Tensor:
 def _check_state_layout(member: Member, amsgrad: bool) -> None:
     """Give loaded state tensors their param's strides (a value-preserving fix-up)."""
     what = _validation.describe(member.group_index, member.position, member.param)
-    for key in memory_keys(amsgrad, member.has_master):
+    for key in memory_keys(amsgrad, member.extra_key):
         value = member.state[key]
         _distributed.check_local_layout(what, key, member.param, value)
         if local(value).stride() != member.stride and member.numel > 1:

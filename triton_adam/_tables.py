@@ -15,6 +15,17 @@ BLOCK_SIZE = 4096
 NUM_WARPS = 8
 ALIGNED_TILE_SIZE = 2048
 UNALIGNED_TILE_SIZE = 2048
+# Unaligned steps that also carry a master's array: scalar accesses keep a 64-bit address per
+# element and array live, and ptxas spilled a few bytes at 2048 (sm_90, bf16 moments).
+UNALIGNED_MASTER_TILE_SIZE = 1024
+
+
+def step_tile_size(aligned: bool, master: int) -> int:
+    """The step kernel's TILE_SIZE for an alignment class and MASTER mode (0: none)."""
+    if aligned:
+        return ALIGNED_TILE_SIZE
+    return UNALIGNED_MASTER_TILE_SIZE if master else UNALIGNED_TILE_SIZE
+
 ALIGNMENT = 16
 
 _TRITON_DTYPES = None

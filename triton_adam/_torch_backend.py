@@ -11,6 +11,8 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
+from . import _precision
+
 
 def _flat(tensor: Tensor) -> Tensor:
     return torch.view_as_real(tensor) if tensor.is_complex() else tensor
@@ -36,8 +38,13 @@ class TorchBucket:
         # moments held in another dtype than the params: torch's CPU fused kernel refuses that,
         # so these go through the float32 math, the Triton kernel's arithmetic
         self.mixed_state = any(m.state["exp_avg"].dtype != m.param.dtype for m in members)
-        # float32 masters stepped in the params' place (all members of a bucket alike)
-        self.masters = [m.flat(m.state["master_param"]) for m in members if m.has_master]
+        # the float32 master, remainder or compensation stepped with each param (all members
+        # of a bucket keep the same kind, or none), and stochastic rounding's stream keys
+        precision = members[0].precision
+        self.extra = precision.extra if precision is not None else None
+        self.stochastic = precision is not None and precision.stochastic
+        self.extras = [m.flat(m.state[m.extra_key]) for m in members] if self.extra else []
+        self.rng = [(m.rng_tensor, m.rng_offset) for m in members]
 
     def launch(self, grads, group, grad_scale, found_inf, clip):
         """One step; ``clip`` is a 0-d float32 clip factor or None."""
@@ -45,7 +52,8 @@ class TorchBucket:
         default_formulas = (group.get("eps_mode", "torch") == "torch"
                             and group.get("bias_correction", True)
                             and group.get("weight_decay_mode", "torch") == "torch"
-                            and not self.mixed_state and not self.masters
+                            and not self.mixed_state and not self.extra
+                            and not self.stochastic
                             and grads[0].dtype == self.params[0].dtype)
         if default_formulas:
             if clip is not None:
@@ -110,13 +118,9 @@ class TorchBucket:
                 g = g * clip
             if self.maximize:
                 g = g.neg_()
-            p = param.to(f32, copy=True)
-            if self.masters:
-                # the master, unless the param was written from outside (it is no longer the
-                # master's rounding): then the master restarts from the param, as in the kernel
-                master = self.masters[i]
-                same = master.to(param.dtype).view(torch.int16) == param.view(torch.int16)
-                p = torch.where(same, master, p)
+            # the float32 value the extra state keeps (the kernel's rules, see _precision)
+            p = _precision.value_of(param, {_precision.EXTRA_KEYS[self.extra]: self.extras[i]}
+                                    if self.extra else {})
             p = p.mul_(param_scale)
             if l2 != 0.0:
                 g = g.add(p, alpha=l2)
@@ -131,14 +135,38 @@ class TorchBucket:
             # elements here): in float64 then rounded once, which is exact for square roots
             root = second.double().sqrt_().float()
             denom = root.div_(bc2_sqrt).add_(eps)
-            new[param] = p.addcdiv_(m, denom, value=neg_step_size.item())
-            if self.masters:
-                new[self.masters[i]] = p
+            p = p.addcdiv_(m, denom, value=neg_step_size.item())
+            new.update(self._written_param(i, p, param, group))
             for target, value in new.items():
-                value = value.to(target.dtype)
+                if value.dtype != target.dtype:
+                    value = value.to(target.dtype)
                 if skip is not None:
                     value = torch.where(skip, target, value)
                 target.copy_(value)
+
+
+    def _written_param(self, i, value, param, group) -> dict:
+        """What the updated float32 ``value`` writes: {target tensor: its new contents}."""
+        if self.extra == "fp32":
+            return {self.extras[i]: value, param: value.to(param.dtype)}
+        if self.extra == "remainder":
+            high, remainder = _precision.split_half_away(value)
+            return {self.extras[i]: remainder, param: high}
+        if self.extra == "kahan":
+            rounded = value.to(param.dtype)
+            compensation = value - rounded.float()
+            compensation = torch.where(compensation.isfinite(), compensation,
+                                       torch.zeros_like(compensation))
+            return {self.extras[i]: compensation.to(param.dtype), param: rounded}
+        if self.stochastic:
+            tensor_index, offset = self.rng[i]
+            elements = offset + torch.arange(value.numel(), device=value.device)
+            random16 = _precision.random_bits16(int(group.get("seed") or 0), self.steps[i],
+                                                tensor_index, elements)
+            # the stream follows memory order, as the kernel walks it (any dense strides)
+            random16 = random16.as_strided(value.shape, value.stride())
+            return {param: _precision.stochastic_round(value, random16)}
+        return {param: value}
 
 
 def grad_norm_and_nonfinite(grads, grad_scale, found_inf, device, check_nonfinite=True):

@@ -65,44 +65,6 @@ def check_state_dtype(state_dtype) -> None:
                          f"{[str(d) for d in STATE_DTYPES]}, got {state_dtype!r}")
 
 
-def state_dtype_for(group: dict, param: Tensor, what: str = "a param"):
-    """The dtype of ``param``'s exp_avg / exp_avg_sq / max_exp_avg_sq in ``group``: float32
-    with master weights (the master's trajectory is float32 AdamW's), else the param's."""
-    state_dtype = group.get("state_dtype")
-    master = uses_master(group, param, what)
-    if master and state_dtype not in (None, torch.float32):
-        raise ValueError(f"{what}: master_weights=True with state_dtype={state_dtype} is not "
-                         "available yet (the master's moments are float32)")
-    if state_dtype is None:
-        return torch.float32 if master else param.dtype
-    if param.dtype not in (torch.float32, torch.bfloat16, torch.float16):
-        raise TypeError(f"{what}: state_dtype={state_dtype} applies to float32, bfloat16 and "
-                        f"float16 params, not {param.dtype}")
-    return state_dtype
-
-
-MASTER_MODES = (False, True)
-
-
-def check_master_weights(master_weights) -> None:
-    """Raise ValueError for a master_weights mode that is not built."""
-    if master_weights == "compact":
-        raise ValueError("master_weights='compact' (the fp32 master in 2 bytes beside the param) "
-                         "is not available yet; use master_weights=True")
-    if master_weights not in MASTER_MODES:
-        raise ValueError(f"master_weights must be False or True, got {master_weights!r}")
-
-
-def uses_master(group: dict, param: Tensor, what: str = "a param") -> bool:
-    """Whether ``param`` is stepped through a float32 master copy in ``group``."""
-    if not group.get("master_weights", False):
-        return False
-    if param.dtype not in (torch.bfloat16, torch.float16):
-        raise TypeError(f"{what}: master_weights=True keeps a float32 copy of bfloat16/float16 "
-                        f"params; this one is {param.dtype} (use master_weights=False for it)")
-    return True
-
-
 def describe(group_index: int, position: int, param: Tensor) -> str:
     """'param 3 of group 0 (shape (37, 51), torch.float32, cuda:0)' for error messages."""
     shard = ""
@@ -156,14 +118,16 @@ def check_grad(group_index: int, position: int, param: Tensor, grad: Tensor) -> 
 
 
 def check_state(group_index: int, position: int, param: Tensor, state: dict, amsgrad: bool,
-                state_dtype=None, master=False):
-    """Raise if a (possibly loaded) state entry does not fit its param (moments in
-    ``state_dtype``, default the param's dtype; a float32 ``master_param`` with ``master``)."""
-    state_dtype = state_dtype or param.dtype
+                precision):
+    """Raise if a (possibly loaded) state entry does not fit its param: moments in
+    ``precision.state_dtype``, the extra state of its master or compensation (if any) in its
+    dtype (a ``_precision.Precision``)."""
     what = describe(group_index, position, param)
     keys = ["exp_avg", "exp_avg_sq"] + (["max_exp_avg_sq"] if amsgrad else [])
-    if master:
-        keys.append("master_param")
+    expected = dict.fromkeys(keys, precision.state_dtype)
+    if precision.extra_key:
+        keys.append(precision.extra_key)
+        expected[precision.extra_key] = precision.extra_dtype(param.dtype)
     for key in ["step"] + keys:
         if key not in state:
             raise KeyError(f"{what}: optimizer state has no '{key}' (was the state_dict saved by "
@@ -181,10 +145,9 @@ def check_state(group_index: int, position: int, param: Tensor, state: dict, ams
         if value.device != param.device:
             raise RuntimeError(f"{what}: state '{key}' is on {value.device}, expected "
                                f"{param.device}")
-        expected = torch.float32 if key == "master_param" else state_dtype
-        if value.dtype != expected:
+        if value.dtype != expected[key]:
             raise TypeError(f"{what}: state '{key}' has dtype {value.dtype}, expected "
-                            f"{expected}")
+                            f"{expected[key]}")
 
 
 def check_no_overlap(tensors, names) -> None:

@@ -12,7 +12,8 @@ import subprocess
 import tempfile
 from pathlib import Path
 
-from ._tables import ALIGNED_TILE_SIZE, BLOCK_SIZE, NUM_WARPS, UNALIGNED_TILE_SIZE
+from ._tables import (ALIGNED_TILE_SIZE, BLOCK_SIZE, NUM_WARPS, UNALIGNED_TILE_SIZE,
+                      step_tile_size)
 from .kernels import adam_step, grad_norm
 
 DTYPES = ("fp32", "bf16", "fp16")
@@ -21,27 +22,41 @@ AMP_MODES = {"none": (False, False), "found_inf": (False, True), "scale": (True,
 
 
 def dtype_roles():
-    """(param, grad, state, master) the optimizer pairs: moments in the param's dtype, float32
-    or bfloat16 (``state_dtype``); grads in the param's dtype, or float32 for 16-bit params; a
-    float32 master (with float32 moments) for 16-bit params."""
+    """(param, grad, state, master, stochastic rounding) as the optimizer pairs them: moments in
+    the param's dtype, float32 or bfloat16 (``state_dtype``); grads in the param's dtype, or
+    float32 for 16-bit params; for 16-bit params a float32 master (MASTER_FP32), a Kahan
+    compensation (MASTER_KAHAN), and for bfloat16 params the master's remainder
+    (MASTER_REMAINDER) or stochastic rounding."""
     for dtype in DTYPES:
         for state_dtype in dict.fromkeys((dtype, "fp32", "bf16")):
             for grad_dtype in dict.fromkeys((dtype, "fp32")):
-                yield dtype, grad_dtype, state_dtype, False
-                if dtype != "fp32" and state_dtype == "fp32":
-                    yield dtype, grad_dtype, state_dtype, True
+                yield dtype, grad_dtype, state_dtype, int(adam_step.MASTER_NONE), False
+                if dtype == "fp32":
+                    continue
+                yield dtype, grad_dtype, state_dtype, int(adam_step.MASTER_KAHAN), False
+                if state_dtype != "fp16":  # masters' moments: float32 or bfloat16
+                    yield dtype, grad_dtype, state_dtype, int(adam_step.MASTER_FP32), False
+                if dtype == "bf16":
+                    yield dtype, grad_dtype, state_dtype, int(adam_step.MASTER_REMAINDER), False
+                    yield dtype, grad_dtype, state_dtype, int(adam_step.MASTER_NONE), True
 
 
-def step_kernel_specs():
-    """Every constexpr combination of ``adam_step_kernel`` that the optimizer launches."""
-    for (dtype, grad_dtype, state_dtype, master), amsgrad, amp, aligned in itertools.product(
-            dtype_roles(), (False, True), AMP_MODES, (True, False)):
+def step_kernel_specs(coverage: bool = False):
+    """Every constexpr combination of ``adam_step_kernel`` that the optimizer launches.
+
+    With ``coverage``, the precision roles (masters, compensation, stochastic rounding) only in
+    the AMP mode with the most code (grad_scale and found_inf), which bounds the others'
+    registers: 280 of the 456 compiles, for the old-Triton lane of CI.
+    """
+    for (dtype, grad_dtype, state_dtype, master, stochastic), amsgrad, amp, aligned in \
+            itertools.product(dtype_roles(), (False, True), AMP_MODES, (True, False)):
+        if coverage and (master or stochastic) and amp != "scale":
+            continue
         has_scale, has_inf = AMP_MODES[amp]
         yield dict(PARAM_DTYPE=dtype, GRAD_DTYPE=grad_dtype, STATE_DTYPE=state_dtype,
-                   AMSGRAD=amsgrad, HAS_MASTER=master,
+                   AMSGRAD=amsgrad, MASTER=master, STOCHASTIC_ROUNDING=stochastic,
                    HAS_GRAD_SCALE=has_scale, HAS_FOUND_INF=has_inf, ALIGNED=aligned,
-                   BLOCK_SIZE=BLOCK_SIZE,
-                   TILE_SIZE=ALIGNED_TILE_SIZE if aligned else UNALIGNED_TILE_SIZE)
+                   BLOCK_SIZE=BLOCK_SIZE, TILE_SIZE=step_tile_size(aligned, master))
 
 
 def coefficient_kernel_specs():
@@ -133,8 +148,9 @@ SEGMENTS_SIGNATURE = {"partials": "*fp32", "nonfinite_counts": "*i32",
                       "nonfinite_out": "*fp32"}
 
 
-def compile_all(target: str = "sm_90") -> list[dict]:
-    """Compile every specialisation for ``target`` ("sm_80", "sm_90", ...) and report on each.
+def compile_all(target: str = "sm_90", coverage: bool = False) -> list[dict]:
+    """Compile every specialisation for ``target`` ("sm_80", "sm_90", ...) and report on each
+    (``coverage``: the step kernel's reduced set, see ``step_kernel_specs``).
 
     Returns one dict per kernel: name, spec, registers, shared_bytes, spill_bytes, stack_bytes,
     ld_vector_width, st_vector_width (widest ``ld/st.global.vN``, 1 when scalar), ptx_bytes,
@@ -144,7 +160,7 @@ def compile_all(target: str = "sm_90") -> list[dict]:
     jobs = [("adam_coefficients_kernel", adam_step.adam_coefficients_kernel, COEF_SIGNATURE, s, 4)
             for s in coefficient_kernel_specs()]
     jobs += [("adam_step_kernel", adam_step.adam_step_kernel, STEP_SIGNATURE, s, NUM_WARPS)
-             for s in step_kernel_specs()]
+             for s in step_kernel_specs(coverage)]
     jobs += [("grad_norm_partials_kernel", grad_norm.grad_norm_partials_kernel,
               PARTIALS_SIGNATURE, s, NUM_WARPS) for s in grad_norm_partials_specs()]
     jobs += [("grad_norm_finalize_kernel", grad_norm.grad_norm_finalize_kernel,

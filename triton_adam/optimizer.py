@@ -4,7 +4,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from . import _compile, _distributed, _validation
+from . import _compile, _distributed, _precision, _validation
 from ._distributed import local
 from ._plan import GradDtypeChanged, StepPlan, interpreter_enabled, state_key_names
 
@@ -54,11 +54,30 @@ _COMMON_DOC = """
             params halves the state (8 -> 4 bytes per param; what torch's CUDA fused AdamW does
             when the states are created bfloat16). None (default): the param's dtype, as torch.
             Loaded moments are rounded to it once.
-        master_weights (bool): for bfloat16/float16 params, step a float32 copy (state key
-            ``master_param``) in the param's place and write its rounding (to nearest even)
-            back to the param, in the same launch; the master's trajectory is float32 torch
-            AdamW's, bit for bit. A param written from outside the optimizer restarts its
-            master from it. ("compact", the 2-byte form, is not available yet.)
+        master_weights (bool or "compact"): for bfloat16/float16 params, step a float32 master
+            in the param's place and write its rounding back to the param, in the same launch;
+            the master's trajectory is float32 torch AdamW's, bit for bit. True keeps the
+            master as a float32 copy (state key ``master_param``, 4 bytes per param) and
+            rounds the param to nearest even. "compact" (bfloat16 params) keeps only the
+            master's low 16 bits (``master_remainder``, int16, 2 bytes per param): the param,
+            rounded half away from zero, is its high half, so the master is exact and its
+            trajectory is True's (the param differs from True's only where the master lies
+            exactly halfway between two bfloat16 values). A param written from outside the
+            optimizer restarts its master from it (True), or keeps its new value plus at most
+            half an ulp of the stale remainder ("compact"). Moments default to float32.
+            ``state_dict()`` always holds the dense float32 ``master_param``.
+        kahan_summation (bool): for bfloat16/float16 params, keep what the param's rounding
+            lost in a compensation buffer of the param's dtype (``kahan_compensation``, 2
+            bytes per param) and add it back at the next step, so that updates below half an
+            ulp accumulate instead of vanishing (as optimi's Kahan summation).
+        stochastic_rounding (bool): for bfloat16 params, round the updated param
+            stochastically (up with probability proportional to the dropped bits: unbiased),
+            from a counter-based random stream keyed on (seed, step, param, element): no state,
+            the same bits for the same seed, a resumed run continues the stream.
+        seed (int, optional): the stochastic-rounding seed of the group, in [0, 2**32), kept in
+            the param group (so in ``state_dict()``). None: ``torch.initial_seed()``, so
+            ``torch.manual_seed`` makes runs reproducible. master_weights, kahan_summation and
+            stochastic_rounding exclude one another.
         backend ("auto", "triton" or "torch"): "auto" runs the Triton kernels on CUDA tensors
             (and on CPU tensors when ``TRITON_INTERPRET=1``), torch's fused kernels elsewhere or
             for float64 params; "triton" and "torch" force one, with a clear error where it
@@ -77,14 +96,15 @@ class _FusedAdamBase(torch.optim.Optimizer):
     def __init__(self, params, lr, betas, eps, weight_decay, amsgrad, *, foreach, maximize,
                  capturable, differentiable, fused, decoupled_weight_decay, backend,
                  max_grad_norm, skip_nonfinite, eps_mode, bias_correction, weight_decay_mode,
-                 state_dtype, master_weights):
+                 state_dtype, master_weights, kahan_summation=False, stochastic_rounding=False,
+                 seed=None):
         if backend not in BACKENDS:
             raise ValueError(f"backend must be one of {BACKENDS}, got {backend!r}")
         if max_grad_norm is not None and not max_grad_norm > 0:
             raise ValueError(f"Invalid max_grad_norm: {max_grad_norm} (must be > 0 or None)")
         _validation.check_formulation(eps_mode, weight_decay_mode)
         _validation.check_state_dtype(state_dtype)
-        _validation.check_master_weights(master_weights)
+        _precision.check_options(master_weights, kahan_summation, stochastic_rounding, seed)
         self.max_grad_norm = max_grad_norm
         self.skip_nonfinite = bool(skip_nonfinite)
         self.last_grad_norm = None
@@ -103,7 +123,9 @@ class _FusedAdamBase(torch.optim.Optimizer):
                         differentiable=False, fused=fused,
                         decoupled_weight_decay=decoupled_weight_decay, eps_mode=eps_mode,
                         bias_correction=bias_correction, weight_decay_mode=weight_decay_mode,
-                        state_dtype=state_dtype, master_weights=master_weights)
+                        state_dtype=state_dtype, master_weights=master_weights,
+                        kahan_summation=kahan_summation,
+                        stochastic_rounding=stochastic_rounding, seed=seed)
         super().__init__(params, defaults)
         # GradScaler hands us grad_scale/found_inf instead of unscaling and syncing itself.
         self._step_supports_amp_scaling = True
@@ -118,11 +140,15 @@ class _FusedAdamBase(torch.optim.Optimizer):
                                           merged["weight_decay"])
         _validation.check_formulation(merged["eps_mode"], merged["weight_decay_mode"])
         _validation.check_state_dtype(merged.get("state_dtype"))
-        _validation.check_master_weights(merged.get("master_weights", False))
+        _precision.check_options(merged.get("master_weights", False),
+                                 merged.get("kahan_summation", False),
+                                 merged.get("stochastic_rounding", False), merged.get("seed"))
         if "betas" in param_group:
             param_group["betas"] = tuple(map(_validation.to_scalar, param_group["betas"]))
         super().add_param_group(param_group)
         group_index = len(self.param_groups) - 1
+        if self.param_groups[-1].get("seed") is None:
+            self.param_groups[-1]["seed"] = _precision.default_seed()
         try:
             for position, param in enumerate(self.param_groups[-1]["params"]):
                 _validation.check_param(group_index, position, param)
@@ -145,17 +171,37 @@ class _FusedAdamBase(torch.optim.Optimizer):
                                  ("fused", None), ("decoupled_weight_decay", False),
                                  ("eps_mode", "torch"), ("bias_correction", True),
                                  ("weight_decay_mode", "torch"), ("state_dtype", None),
-                                 ("master_weights", False)):
+                                 ("master_weights", False), ("kahan_summation", False),
+                                 ("stochastic_rounding", False), ("seed", 0)):
                 group.setdefault(key, default)
         self._normalize_steps()
         self._invalidate_plan()
+
+    def state_dict(self) -> dict:
+        """torch's state dict, loadable by torch.optim.Adam/AdamW: torch's keys, plus each
+        16-bit param's float32 master as a dense float32 ``master_param`` (also when it is
+        kept as a remainder, ``master_weights="compact"``) or its ``kahan_compensation``;
+        the stochastic-rounding seed is in the param groups."""
+        saved = super().state_dict()
+        params = [p for group in self.param_groups for p in group["params"]]
+        for index, state in saved["state"].items():
+            if "master_remainder" in state:
+                master = _precision.dense_master(params[index], state)
+                saved["state"][index] = {**{k: v for k, v in state.items()
+                                            if k != "master_remainder"}, "master_param": master}
+        return saved
 
     def load_state_dict(self, state_dict: dict) -> None:
         """Load a state dict saved by this class or by torch.optim.Adam/AdamW (any device).
 
         Moments and float32 masters (``master_param``) keep the dtype they were saved in
         (torch's loader would cast them to the params' dtype, rounding float32 moments or
-        masters of 16-bit params); the next step holds them in the optimizer's state_dtype.
+        masters of 16-bit params). How the state is held (state_dtype, master_weights,
+        kahan_summation, stochastic_rounding) stays as this optimizer was built: the next step
+        converts the loaded state to it (a True checkpoint loads into "compact" and back, the
+        master exactly; a torch checkpoint starts masters from the params). Everything else in
+        the param groups (lr, betas, ..., the stochastic-rounding seed) is the checkpoint's,
+        as in torch.
         """
         kept = {(key, name): value[name] for key, value in state_dict["state"].items()
                 if isinstance(value, dict)
@@ -168,7 +214,7 @@ class _FusedAdamBase(torch.optim.Optimizer):
         super().load_state_dict(state_dict)
         for group, saved, options in zip(self.param_groups, saved_groups, ours):
             for key, value in options.items():
-                if key not in saved:
+                if key not in saved or key in _STORAGE_OPTIONS:
                     group[key] = value
         if kept:
             by_id = dict(zip((i for g in state_dict["param_groups"] for i in g["params"]),
@@ -230,7 +276,8 @@ class _FusedAdamBase(torch.optim.Optimizer):
         return (self._layout_version, tuple(
             (bool(group["amsgrad"]), bool(group["maximize"]),
              bool(group.get("decoupled_weight_decay", False)), group.get("state_dtype"),
-             bool(group.get("master_weights", False)),
+             group.get("master_weights", False), bool(group.get("kahan_summation", False)),
+             bool(group.get("stochastic_rounding", False)),
              tuple(local(p).data_ptr() if g is not None else -1
                    for p, g in zip(group["params"], grads)))
             for group, grads in zip(self.param_groups, grads_by_group)))
@@ -246,36 +293,38 @@ class _FusedAdamBase(torch.optim.Optimizer):
                 if grad is not None:
                     _validation.check_grad(gi, pi, param, grad)
         self._normalize_steps()
-        states, new_states = {}, {}
+        states, new_states, rewrites = {}, {}, []
         for gi, (group, grads) in enumerate(zip(self.param_groups, grads_by_group)):
             for pi, (param, grad) in enumerate(zip(group["params"], grads)):
                 if grad is None:
                     continue
                 state = self.state.get(param)
                 what = _validation.describe(gi, pi, param)
-                state_dtype = _validation.state_dtype_for(group, param, what)
-                master = _validation.uses_master(group, param, what)
+                precision = _precision.of(group, param, what)
                 if not state:
                     state = new_states[param] = _initial_state(param, group["amsgrad"],
-                                                               state_dtype, master)
-                if master and "master_param" not in state:
-                    # a torch checkpoint, or master weights switched on: start from the param
-                    state = new_states[param] = dict(state, master_param=_master_of(param))
-                if not master and "master_param" in state:
-                    # master weights switched off: the param is the truth again
-                    state = new_states[param] = {k: v for k, v in state.items()
-                                                 if k != "master_param"}
+                                                               precision)
+                adopted = _adopt_loaded_state(gi, pi, param, state, precision)
+                if adopted is not state:
+                    state = new_states[param] = adopted
+                # a torch checkpoint, another mode's checkpoint, or a mode switched: the
+                # float32 value carried into this mode's form (see _precision.convert)
+                converted, rewrite = _precision.convert(param, state, precision)
+                if converted is not state:
+                    state = new_states[param] = converted
+                if rewrite is not None:
+                    rewrites.append((param, rewrite))
                 if group["amsgrad"] and "max_exp_avg_sq" not in state:
                     # amsgrad switched on mid-training: start its maximum from zero.
                     state = new_states[param] = dict(
-                        state, max_exp_avg_sq=_distributed.zeros_like(param, state_dtype))
-                adopted = _adopt_loaded_state(gi, pi, param, state, state_dtype)
-                if adopted is not state:
-                    state = new_states[param] = adopted
+                        state, max_exp_avg_sq=_distributed.zeros_like(param,
+                                                                      precision.state_dtype))
                 states[param] = state
         plan = StepPlan(self, grads_by_group, states, signature)
         for param, state in new_states.items():
             self.state[param] = state
+        for param, rewrite in rewrites:
+            local(param).copy_(rewrite)
         return plan
 
     @torch.no_grad()
@@ -329,43 +378,42 @@ class _FusedAdamBase(torch.optim.Optimizer):
 
 
 # triton-adam's own group options (beyond torch.optim.Adam/AdamW's)
-_OPTIONS = ("eps_mode", "bias_correction", "weight_decay_mode", "state_dtype", "master_weights")
+_OPTIONS = ("eps_mode", "bias_correction", "weight_decay_mode", "state_dtype", "master_weights",
+            "kahan_summation", "stochastic_rounding", "seed")
+# those that say how the state is held, not what the step computes: a loaded checkpoint is
+# converted to them rather than overriding them
+_STORAGE_OPTIONS = ("state_dtype", "master_weights", "kahan_summation", "stochastic_rounding")
 
 
-def _initial_state(param: Tensor, amsgrad: bool, state_dtype=None, master=False) -> dict:
-    """Zero moments in ``state_dtype`` (default the param's), a 0-d float32 step and, with
-    ``master``, a float32 copy of the param."""
+def _initial_state(param: Tensor, amsgrad: bool, precision) -> dict:
+    """Zero moments in ``precision.state_dtype``, a 0-d float32 step and the param's extra
+    state (a float32 master, its remainder or a zero compensation; see _precision)."""
     # step is a plain 0-d tensor also for DTensor params, as torch keeps it
     state = {"step": torch.zeros((), dtype=torch.float32, device=param.device)}
     for key in state_key_names(amsgrad):
-        state[key] = _distributed.zeros_like(param, state_dtype)
-    if master:
-        state["master_param"] = _master_of(param)
+        state[key] = _distributed.zeros_like(param, precision.state_dtype)
+    state, _ = _precision.convert(param, state, precision)
     return state
 
 
-def _master_of(param: Tensor) -> Tensor:
-    """A float32 copy of ``param`` (exact), laid out and placed as the param."""
-    master = _distributed.zeros_like(param, torch.float32)
-    local(master).copy_(local(param).detach())
-    return master
-
-
 def _adopt_loaded_state(group_index: int, position: int, param: Tensor, state: dict,
-                        state_dtype) -> dict:
+                        precision) -> dict:
     """The state with its tensors in the form kept for ``param``: DTensor states for DTensor
-    params, moments in ``state_dtype`` (torch's load_state_dict casts them to the param's
-    dtype; a torch checkpoint's float32 moments are rounded once here). The same dict when
-    nothing changes, else a new one (stored once the plan is built).
+    params, moments in ``precision.state_dtype`` (torch's load_state_dict casts them to the
+    param's dtype; a torch checkpoint's float32 moments are rounded once here). The same dict
+    when nothing changes, else a new one (stored once the plan is built).
     """
     what = _validation.describe(group_index, position, param)
+    dtypes = dict.fromkeys(("exp_avg", "exp_avg_sq", "max_exp_avg_sq"), precision.state_dtype)
+    if precision.extra_key:
+        dtypes[precision.extra_key] = precision.extra_dtype(param.dtype)
 
     def adopt(key, value):
         if key == "step" or not isinstance(value, Tensor):
             return value
         value = _distributed.adopt_state(what, key, param, value)
-        dtype = torch.float32 if key == "master_param" else state_dtype
-        if value.dtype != dtype and value.is_floating_point():
+        dtype = dtypes.get(key, value.dtype)
+        if value.dtype != dtype and value.is_floating_point() and dtype.is_floating_point:
             value = value.to(dtype)
         return value
 
@@ -384,7 +432,8 @@ class Adam(_FusedAdamBase):
                  differentiable=False, fused=None, decoupled_weight_decay=False,
                  backend="auto", max_grad_norm=None, skip_nonfinite=False, eps_mode="torch",
                  bias_correction=True, weight_decay_mode="torch", state_dtype=None,
-                 master_weights=False):
+                 master_weights=False, kahan_summation=False, stochastic_rounding=False,
+                 seed=None):
         super().__init__(params, lr, betas, eps, weight_decay, amsgrad, foreach=foreach,
                          maximize=maximize, capturable=capturable,
                          differentiable=differentiable, fused=fused,
@@ -392,7 +441,8 @@ class Adam(_FusedAdamBase):
                          max_grad_norm=max_grad_norm, skip_nonfinite=skip_nonfinite,
                          eps_mode=eps_mode, bias_correction=bias_correction,
                          weight_decay_mode=weight_decay_mode, state_dtype=state_dtype,
-                         master_weights=master_weights)
+                         master_weights=master_weights, kahan_summation=kahan_summation,
+                         stochastic_rounding=stochastic_rounding, seed=seed)
 
 
 class AdamW(_FusedAdamBase):
@@ -404,7 +454,8 @@ class AdamW(_FusedAdamBase):
                  differentiable=False, fused=None, backend="auto", max_grad_norm=None,
                  skip_nonfinite=False, eps_mode="torch", bias_correction=True,
                  weight_decay_mode="torch", state_dtype=None,
-                 master_weights=False):
+                 master_weights=False, kahan_summation=False, stochastic_rounding=False,
+                 seed=None):
         super().__init__(params, lr, betas, eps, weight_decay, amsgrad, foreach=foreach,
                          maximize=maximize, capturable=capturable,
                          differentiable=differentiable, fused=fused,
@@ -412,7 +463,8 @@ class AdamW(_FusedAdamBase):
                          max_grad_norm=max_grad_norm, skip_nonfinite=skip_nonfinite,
                          eps_mode=eps_mode, bias_correction=bias_correction,
                          weight_decay_mode=weight_decay_mode, state_dtype=state_dtype,
-                         master_weights=master_weights)
+                         master_weights=master_weights, kahan_summation=kahan_summation,
+                         stochastic_rounding=stochastic_rounding, seed=seed)
 
     def __setstate__(self, state: dict) -> None:
         super().__setstate__(state)

@@ -1,0 +1,276 @@
+"""The precision ladder: how each param's float32 value is kept between steps.
+
+A 16-bit param can carry, in its state, what its rounding loses:
+
+==================  ======================  ======================  ======================
+option              state key               extra bytes held        the float32 value is
+==================  ======================  ======================  ======================
+master_weights=True ``master_param`` fp32   4 per param             the master (exact)
+"compact"           ``master_remainder``    2 (int16)               bf16 param bits + the
+                                                                    remainder (exact)
+kahan_summation     ``kahan_compensation``  2 (the param's dtype)   param + compensation
+stochastic_rounding (none)                  0                       the param (rounded
+                                                                    stochastically)
+==================  ======================  ======================  ======================
+
+This module validates those options per param, converts a state from one mode to another (a
+checkpoint saved with one, loaded with another; an option switched mid-training), and holds the
+torch-op forms of the kernels' rounding rules and random stream, which the torch fallback and
+the tests use. ``state_dict()`` always writes the float32 value as a dense ``master_param``.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from torch import Tensor
+
+from . import _distributed
+from ._distributed import local
+
+# extra -> its state key; extra is None, "fp32", "remainder" or "kahan"
+EXTRA_KEYS = {"fp32": "master_param", "remainder": "master_remainder",
+              "kahan": "kahan_compensation"}
+MASTER_MODES = (False, True, "compact")
+SIXTEEN_BIT = (torch.bfloat16, torch.float16)
+SEED_LIMIT = 2**32
+
+
+@dataclass(frozen=True)
+class Precision:
+    """How one param is stepped: its moments' dtype, the extra state holding its float32 value
+    (None, "fp32", "remainder" or "kahan"), and whether its rounding is stochastic."""
+    state_dtype: torch.dtype
+    extra: str | None = None
+    stochastic: bool = False
+
+    @property
+    def extra_key(self):
+        return EXTRA_KEYS.get(self.extra)
+
+    def extra_dtype(self, param_dtype: torch.dtype):
+        return {"fp32": torch.float32, "remainder": torch.int16}.get(self.extra, param_dtype)
+
+
+def check_options(master_weights, kahan_summation, stochastic_rounding, seed) -> None:
+    """Raise ValueError for a param group's precision options that do not go together."""
+    if master_weights not in MASTER_MODES or isinstance(master_weights, int) and \
+            not isinstance(master_weights, bool):
+        raise ValueError(f"master_weights must be False, True or 'compact', got "
+                         f"{master_weights!r}")
+    for name, value in (("kahan_summation", kahan_summation),
+                        ("stochastic_rounding", stochastic_rounding)):
+        if not isinstance(value, bool):
+            raise ValueError(f"{name} must be True or False, got {value!r}")
+    chosen = [name for name, on in (("master_weights", master_weights),
+                                    ("kahan_summation", kahan_summation),
+                                    ("stochastic_rounding", stochastic_rounding)) if on]
+    if len(chosen) > 1:
+        raise ValueError(f"{' and '.join(chosen)} cannot be combined: each is a way of keeping "
+                         "what the 16-bit param's rounding loses; choose one")
+    if seed is not None and not (isinstance(seed, int) and 0 <= seed < SEED_LIMIT):
+        raise ValueError(f"seed must be None or an int in [0, 2**32), got {seed!r}")
+
+
+def default_seed() -> int:
+    """The seed of a group that gives none: torch's initial seed (so ``torch.manual_seed``
+    makes the stream reproducible), read without drawing from torch's generator."""
+    return torch.initial_seed() % SEED_LIMIT
+
+
+def of(group: dict, param: Tensor, what: str = "a param") -> Precision:
+    """``param``'s Precision in ``group``, or a clear error for a param its options do not
+    fit (checked before anything is modified)."""
+    master = group.get("master_weights", False)
+    kahan = bool(group.get("kahan_summation", False))
+    stochastic = bool(group.get("stochastic_rounding", False))
+    dtype = param.dtype
+    if master == "compact" and dtype != torch.bfloat16:
+        raise TypeError(f"{what}: master_weights='compact' keeps the low half of a float32 "
+                        f"master beside a bfloat16 param; this one is {dtype} (use "
+                        "master_weights=True for float16 params)")
+    if master and dtype not in SIXTEEN_BIT:
+        raise TypeError(f"{what}: master_weights=True keeps a float32 copy of bfloat16/float16 "
+                        f"params; this one is {dtype} (use master_weights=False for it)")
+    if kahan and dtype not in SIXTEEN_BIT:
+        raise TypeError(f"{what}: kahan_summation applies to bfloat16/float16 params; this one "
+                        f"is {dtype}")
+    if stochastic and dtype != torch.bfloat16:
+        raise TypeError(f"{what}: stochastic_rounding applies to bfloat16 params; this one is "
+                        f"{dtype}")
+    extra = ("remainder" if master == "compact" else "fp32" if master else
+             "kahan" if kahan else None)
+    state_dtype = group.get("state_dtype")
+    if state_dtype is None:
+        # a master's moments are float32 AdamW's; otherwise torch's rule, the param's dtype
+        state_dtype = torch.float32 if extra in ("fp32", "remainder") else dtype
+    elif dtype not in (torch.float32,) + SIXTEEN_BIT:
+        raise TypeError(f"{what}: state_dtype={state_dtype} applies to float32, bfloat16 and "
+                        f"float16 params, not {dtype}")
+    return Precision(state_dtype, extra, stochastic)
+
+
+# --- the float32 value and its forms (torch ops on local shards; the kernels' rules) ---
+
+_MASK32 = 0xFFFFFFFF
+
+
+def _bits32(value: Tensor) -> Tensor:
+    """float32 bits as int64 in [0, 2**32)."""
+    return value.contiguous().view(torch.int32).to(torch.int64) & _MASK32
+
+
+def _bf16_of_bits(high: Tensor) -> Tensor:
+    """int64 in [0, 2**16) -> bfloat16 with those bits."""
+    return high.to(torch.int32).to(torch.int16).view(torch.bfloat16)
+
+
+def _bits16(param: Tensor) -> Tensor:
+    """16-bit param bits as int64 in [0, 2**16)."""
+    return param.contiguous().view(torch.int16).to(torch.int64) & 0xFFFF
+
+
+def split_half_away(value: Tensor):
+    """float32 ``value`` -> (bfloat16 rounded half away from zero, int16 remainder) such that
+    ``join(high, remainder)`` gives ``value`` back exactly (NaN -> canonical NaN, remainder 0)."""
+    bits = _bits32(value)
+    high = ((bits + 0x8000) & _MASK32) >> 16
+    nan = torch.isnan(value)
+    high = torch.where(nan, torch.full_like(high, 0x7FC0), high)
+    remainder = (bits - (high << 16)) & _MASK32
+    remainder = torch.where(nan, torch.zeros_like(remainder), remainder)
+    remainder = torch.where(remainder >= 2**31, remainder - 2**32, remainder)
+    return _bf16_of_bits(high), remainder.to(torch.int16)
+
+
+def join(param: Tensor, remainder: Tensor) -> Tensor:
+    """The float32 master a bfloat16 param and its int16 remainder hold (the kernel's rule:
+    at +-0 a negative remainder is a stale one and the param's value is taken)."""
+    high = _bits16(param)
+    remainder = remainder.to(torch.int64)
+    bits = ((high << 16) + remainder) & _MASK32
+    bits = torch.where(bits >= 2**31, bits - 2**32, bits).to(torch.int32)
+    wraps = ((high & 0x7FFF) == 0) & (remainder < 0)
+    return torch.where(wraps, param.float(), bits.view(torch.float32))
+
+
+def rounds_to(master: Tensor, param: Tensor) -> Tensor:
+    """Elementwise: ``param`` is ``master`` rounded to nearest even in the param's dtype."""
+    return _bits16(master.to(param.dtype)) == _bits16(param)
+
+
+def value_of(param: Tensor, state: dict) -> Tensor:
+    """The float32 value ``state`` keeps for local ``param`` (either extra form), or the
+    param's own (always a new tensor); a param written from outside since the extra was
+    written wins, as in the kernels."""
+    param = param.detach()
+    value = param.to(torch.float32, copy=True)
+    master = state.get("master_param")
+    if master is not None:
+        master = local(master)
+        return torch.where(rounds_to(master, param), master, value)
+    remainder = state.get("master_remainder")
+    if remainder is not None:
+        return join(param, local(remainder))
+    compensation = state.get("kahan_compensation")
+    if compensation is not None:
+        return value + local(compensation).float()
+    return value
+
+
+def convert(param: Tensor, state: dict, precision: Precision):
+    """``state`` in ``precision``'s extra form: (new state dict or ``state`` if nothing
+    changes, bfloat16 bits to write into the param or None).
+
+    The float32 value is carried over exactly where the target form can hold it: into the
+    remainder form, a master whose param is its nearest-even rounding at a tie becomes the
+    rounding half away (one ulp; the param is rewritten to it, once the step is sure to run).
+    """
+    key = precision.extra_key
+    others = [k for k in EXTRA_KEYS.values() if k in state and k != key]
+    if not others and (key is None or key in state):
+        return state, None
+    shard = local(param).detach()
+    value = value_of(shard, state)
+    new = {k: v for k, v in state.items() if k not in EXTRA_KEYS.values()}
+    rewrite = None
+    if precision.extra is not None:
+        extra = _distributed.zeros_like(param, precision.extra_dtype(param.dtype))
+        if precision.extra == "fp32":
+            # a master must round to its param (else the kernel restarts it from the param):
+            # a Kahan pair's sum can be a tie that rounds away; one float32 ulp toward the
+            # param settles it
+            kept = rounds_to(value, shard) | value.isnan()
+            local(extra).copy_(torch.where(kept, value, torch.nextafter(value, shard.float())))
+        elif precision.extra == "remainder":
+            high, remainder = split_half_away(value)
+            # the value is the param's (restarted) unless the param is a rounding of it
+            kept = (_bits16(high) == _bits16(shard)) | rounds_to(value, shard)
+            local(extra).copy_(torch.where(kept, remainder, torch.zeros_like(remainder)))
+            if not torch.equal(_bits16(high)[kept], _bits16(shard)[kept]):
+                rewrite = torch.where(kept, high, shard)
+        else:
+            compensation = value - shard.float()
+            compensation = torch.where(compensation.isfinite(), compensation,
+                                       torch.zeros_like(compensation))
+            local(extra).copy_(compensation)
+        new[key] = extra
+    return new, rewrite
+
+
+def dense_master(param: Tensor, state: dict):
+    """The float32 ``master_param`` a state_dict holds for ``param`` (a DTensor for a DTensor
+    param), or None if the state keeps no exact master."""
+    if "master_param" in state:
+        return state["master_param"]
+    if "master_remainder" not in state:
+        return None
+    master = _distributed.zeros_like(param.detach(), torch.float32)
+    local(master).copy_(join(local(param).detach(), local(state["master_remainder"])))
+    return master
+
+
+# --- stochastic rounding: Philox-4x32-10 in torch ops, the stream of tl.philox ---
+
+_ROUND_A, _ROUND_B = 0xD2511F53, 0xCD9E8D57
+_KEY_A, _KEY_B = 0x9E3779B9, 0xBB67AE85
+
+
+def _mulhilo(a: Tensor, constant: int):
+    """(high, low) 32-bit halves of ``a * constant`` (``a`` int64 in [0, 2**32))."""
+    product_high = a * (constant >> 16)  # < 2**48: no int64 overflow anywhere
+    product_low = a * (constant & 0xFFFF)
+    high = (product_high + (product_low >> 16)) >> 16
+    low = (((product_high & 0xFFFF) << 16) + product_low) & _MASK32
+    return high & _MASK32, low
+
+
+def philox(key0, key1, c0: Tensor, c1, c2, c3, rounds: int = 10):
+    """Philox-4x32 (Salmon et al. 2011) on int64 tensors holding uint32 values, as Triton's
+    ``tl.philox`` computes it with key (key0, key1) = (seed low word, seed high word)."""
+    zero = torch.zeros_like(c0)
+    c1, c2, c3 = (zero + c for c in (c1, c2, c3))
+    key0, key1 = zero + key0, zero + key1
+    for _ in range(rounds):
+        high_b, low_b = _mulhilo(c2, _ROUND_B)
+        high_a, low_a = _mulhilo(c0, _ROUND_A)
+        c0, c1, c2, c3 = high_b ^ c1 ^ key0, low_b, high_a ^ c3 ^ key1, low_a
+        key0 = (key0 + _KEY_A) & _MASK32
+        key1 = (key1 + _KEY_B) & _MASK32
+    return c0, c1, c2, c3
+
+
+def random_bits16(seed: int, step: Tensor, tensor_index: int, elements: Tensor) -> Tensor:
+    """The kernels' 16 random bits per element (int64): Philox keyed on (seed, step), counted
+    by (element index low word, high word, tensor index, 0)."""
+    step = step.to(torch.int64) & _MASK32
+    random, _, _, _ = philox(seed, step, elements & _MASK32, elements >> 32, tensor_index, 0)
+    return random >> 16
+
+
+def stochastic_round(value: Tensor, random16: Tensor) -> Tensor:
+    """float32 ``value`` to bfloat16, rounded up in magnitude with probability (dropped
+    bits) / 2**16 (unbiased); NaN stays NaN."""
+    high = ((_bits32(value) + random16) & _MASK32) >> 16
+    high = torch.where(torch.isnan(value), torch.full_like(high, 0x7FC0), high)
+    return _bf16_of_bits(high)
