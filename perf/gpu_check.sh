@@ -6,11 +6,12 @@
 # 1. install the package without dependencies (falls back to a source copy on PYTHONPATH),
 # 2. the CUDA tests (skips are fine) and `triton-adam check` (parity vs torch per dtype),
 # 3. `triton-adam bench` on the main presets, plus llama-3.2-1b fp32 with `--clip 1.0` (torch's
-#    clip_grad_norm_ + step against triton-adam's fused clip),
+#    clip_grad_norm_ + step against triton-adam's fused clip), and llama-3.2-1b bf16 with each
+#    precision rung (master weights, compact + bf16 states, Kahan, stochastic rounding),
 # 4. `triton-adam kernels --target sm_90`, then the non-CUDA tests with the GPU visible,
 # 5. a summary: each part's status and time, then every measured provider.
-# Every part runs under `timeout` against one overall deadline (BUDGET_S, default 270 s), so the
-# whole script ends within 5 minutes; a bench stopped by its timeout gets SIGINT and still
+# Every part runs under `timeout` against one overall deadline (BUDGET_S, default 330 s), so the
+# whole script ends within 6 minutes; a bench stopped by its timeout gets SIGINT and still
 # writes what it measured. Knobs: OUT, PYTHON, BUDGET_S, STEPS, SKIP_INSTALL=1 (source copy).
 #
 # $OUT holds at most 6 files, no folders (what comes back from a lent machine is limited to a
@@ -24,7 +25,7 @@ PY=${PYTHON:-python3}
 # kernels/ subpackage that the install maps in, and would shadow the installed package.
 if "${PY[@]}" -P -c "" 2>/dev/null; then PY=("${PY[@]}" -P); else PY=("${PY[@]}"); fi
 OUT=${OUT:-./out}
-BUDGET_S=${BUDGET_S:-270}
+BUDGET_S=${BUDGET_S:-330}
 STEPS=${STEPS:-10}
 mkdir -p "$OUT"
 OUT=$(cd "$OUT" && pwd)
@@ -142,6 +143,14 @@ bench() {  # bench NAME LIMIT ARGS...
 bench llama-3.2-1b 60 --preset llama-3.2-1b --dtype fp32,bf16 --plot "$OUT/bench-llama-3.2-1b.png"
 # clip_grad_norm_ + step (torch, peers) vs the fused clip (triton-adam): 40 vs 32 B/elem.
 bench llama-1b-clip 35 --preset llama-3.2-1b --dtype fp32 --clip 1.0
+# the precision ladder on bf16 params (triton-adam's row changes; fused stays as the yardstick)
+bench llama-1b-master 25 --preset llama-3.2-1b --dtype bf16 --providers triton-adam,fused \
+    --master-weights true
+bench llama-1b-compact 25 --preset llama-3.2-1b --dtype bf16 --providers triton-adam,fused \
+    --master-weights compact --state-dtype bf16
+bench llama-1b-kahan 20 --preset llama-3.2-1b --dtype bf16 --providers triton-adam,fused --kahan
+bench llama-1b-sr 20 --preset llama-3.2-1b --dtype bf16 --providers triton-adam,fused \
+    --stochastic-rounding
 bench gpt2-124m 25 --preset gpt2-124m
 bench many-small 25 --preset many-small
 bench vit-b16 20 --preset vit-b16

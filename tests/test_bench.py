@@ -477,3 +477,23 @@ def test_state_dtype_changes_triton_adams_states_and_bytes(small_copy):
     assert rows["triton-adam"]["held_bytes"] == 4 * n
     assert rows["fused"]["bytes_per_step"] == 28 * n
     assert rows["fused"]["held_bytes"] == 8 * n
+
+
+@pytest.mark.parametrize("options,moved,held", [
+    (dict(master_weights="true"), 30, 12), (dict(master_weights="compact"), 26, 10),
+    (dict(master_weights="compact", state_dtype="bf16"), 18, 6),
+    (dict(kahan_summation=True), 18, 6), (dict(stochastic_rounding=True), 14, 4)])
+def test_precision_options_change_triton_adams_bytes(small_copy, options, moved, held):
+    """--master-weights / --kahan / --stochastic-rounding: triton-adam's bf16 row counts the
+    master, remainder or compensation (bytes moved and held per param); its fp32 row is
+    skipped with the reason; torch fused is unchanged."""
+    record = runner.run_bench(_quick_cfg(providers=["triton-adam", "fused"], dtypes=["fp32", "bf16"],
+                                         optim=providers.OptimConfig(**options)))
+    n = record["presets"]["smoke-cpu"]["num_params"]
+    rows = {(r["provider"], r["dtype"]): r for r in record["results"]}
+    ours = rows[("triton-adam", "bf16")]
+    assert ours["status"] == "ok", ours
+    assert ours["bytes_per_step"] == moved * n and ours["held_bytes"] == held * n
+    assert rows[("triton-adam", "fp32")]["status"] == "skipped"
+    assert "bf16/fp16 params only" in rows[("triton-adam", "fp32")]["reason"]
+    assert rows[("fused", "bf16")]["bytes_per_step"] == 14 * n

@@ -58,7 +58,8 @@ def cmd_bench(args: argparse.Namespace) -> int:
         dtypes=_csv(args.dtype),
         providers=_csv(args.providers) if args.providers else None,
         optim=OptimConfig(kind=args.optimizer, amsgrad=args.amsgrad, max_grad_norm=args.clip,
-                          state_dtype=args.state_dtype),
+                          state_dtype=args.state_dtype, master_weights=args.master_weights,
+                          kahan_summation=args.kahan, stochastic_rounding=args.stochastic_rounding),
         warmup=1 if args.quick else 3,
         repeats=args.steps or (5 if args.quick else 20),
         quick=args.quick,
@@ -283,6 +284,14 @@ def build_parser() -> argparse.ArgumentParser:
                         "processes, ours (launches stubbed) vs torch fused on the same model")
     b.add_argument("--threads", type=int, help="torch CPU threads (a busy machine times far more "
                                                "steadily with 1)")
+    precision = b.add_mutually_exclusive_group()
+    precision.add_argument("--master-weights", choices=("true", "compact"),
+                           help="triton-adam's master_weights for bf16/fp16 params (a float32 copy, "
+                                "or its 2-byte remainder beside bf16 params); bytes counted")
+    precision.add_argument("--kahan", action="store_true",
+                           help="triton-adam's kahan_summation (bf16/fp16 params)")
+    precision.add_argument("--stochastic-rounding", action="store_true",
+                           help="triton-adam's stochastic_rounding (bf16 params)")
     b.set_defaults(func=cmd_bench)
 
     k = sub.add_parser("kernels", help="compile every kernel specialisation ahead of time and "

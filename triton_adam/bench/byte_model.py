@@ -45,17 +45,31 @@ def adam_bytes_per_element(
     grad_dtype: Optional[torch.dtype] = None,
     state_dtype: Optional[torch.dtype] = None,
     amsgrad: bool = False,
+    extra_dtype: Optional[torch.dtype] = None,
 ) -> int:
     """Bytes moved per parameter element by one Adam/AdamW step.
 
     ``grad_dtype`` and ``state_dtype`` default to ``param_dtype`` (what torch.optim does:
-    its states are ``zeros_like(param)``).
+    its states are ``zeros_like(param)``). ``extra_dtype``: the dtype of a per-element tensor
+    read and written beside them (a float32 master, an int16 master remainder, a Kahan
+    compensation), or None.
     """
     p = dtype_size(param_dtype)
     g = dtype_size(grad_dtype or param_dtype)
-    s = dtype_size(state_dtype or param_dtype)
+    return 2 * p + g + 2 * held_bytes_per_element(param_dtype, state_dtype, amsgrad, extra_dtype)
+
+
+def held_bytes_per_element(
+    param_dtype: torch.dtype,
+    state_dtype: Optional[torch.dtype] = None,
+    amsgrad: bool = False,
+    extra_dtype: Optional[torch.dtype] = None,
+) -> int:
+    """Bytes an Adam/AdamW optimizer holds per parameter element besides param and grad: its
+    moments (in ``state_dtype``, default the param's) and an ``extra_dtype`` tensor if any."""
     n_states = 3 if amsgrad else 2  # exp_avg, exp_avg_sq, (max_exp_avg_sq)
-    return 2 * p + g + 2 * n_states * s
+    extra = dtype_size(extra_dtype) if extra_dtype is not None else 0
+    return n_states * dtype_size(state_dtype or param_dtype) + extra
 
 
 def adam_step_bytes(

@@ -38,6 +38,22 @@ class OptimConfig:
     weight_decay: float = 1e-2
     max_grad_norm: Optional[float] = None  # clip the grads' global 2-norm in every step
     state_dtype: Optional[str] = None  # "fp32"/"bf16": triton-adam's state_dtype (None: params')
+    # triton-adam's precision options for 16-bit params (the other providers ignore them)
+    master_weights: Optional[str] = None  # "true" or "compact"
+    kahan_summation: bool = False
+    stochastic_rounding: bool = False
+
+    def precision_options(self) -> Dict[str, Any]:
+        """The keyword arguments of triton-adam's precision options this config sets."""
+        options: Dict[str, Any] = {}
+        if self.master_weights:
+            options["master_weights"] = {"true": True, "compact": "compact"}[self.master_weights]
+        if self.kahan_summation:
+            options["kahan_summation"] = True
+        if self.stochastic_rounding:
+            options["stochastic_rounding"] = True
+            options["seed"] = 0
+        return options
 
 
 Factory = Callable[[Sequence[torch.Tensor], OptimConfig], torch.optim.Optimizer]
@@ -56,6 +72,7 @@ class Provider:
     supports_adam: bool = True  # False: AdamW only
     low_precision_only: bool = False  # a bf16/fp16 technique: fp32 params would repeat another row
     fused_clip: bool = False  # clips inside its own step (max_grad_norm=); else torch clips first
+    takes_precision_options: bool = False  # triton-adam: master weights, Kahan, SR
 
     def unsupported_reason(self, cfg: OptimConfig,
                            dtype: Optional[torch.dtype] = None) -> Optional[str]:
@@ -66,6 +83,12 @@ class Provider:
             return "AdamW only"
         if self.low_precision_only and dtype == torch.float32:
             return "bf16/fp16 params only (the technique does nothing for fp32)"
+        options = cfg.precision_options() if self.takes_precision_options else {}
+        if options and dtype == torch.float32:
+            return f"{', '.join(options)}: bf16/fp16 params only"
+        if (cfg.master_weights == "compact" or cfg.stochastic_rounding) and \
+                self.takes_precision_options and dtype == torch.float16:
+            return "compact masters and stochastic rounding: bf16 params only"
         return None
 
     def version(self) -> Optional[str]:
@@ -87,7 +110,8 @@ def _load_triton_adam(cfg: OptimConfig) -> Factory:
     state_dtypes = {None: None, "fp32": torch.float32, "bf16": torch.bfloat16}
     return lambda params, c: cls(params, amsgrad=c.amsgrad, backend="auto",
                                  max_grad_norm=c.max_grad_norm,
-                                 state_dtype=state_dtypes[c.state_dtype], **_common(c))
+                                 state_dtype=state_dtypes[c.state_dtype],
+                                 **c.precision_options(), **_common(c))
 
 
 def _torch_loader(**flags: Any) -> Callable[[OptimConfig], Factory]:
@@ -157,7 +181,7 @@ def _load_bnb(cfg: OptimConfig) -> Factory:
 
 PROVIDERS: List[Provider] = [
     Provider("triton-adam", "triton_adam.AdamW/Adam, backend='auto'", _load_triton_adam,
-             "triton-adam", fused_clip=True),
+             "triton-adam", fused_clip=True, takes_precision_options=True),
     Provider("forloop", "torch.optim, foreach=False", _torch_loader(foreach=False), "torch"),
     Provider("foreach", "torch.optim, foreach=True", _torch_loader(foreach=True), "torch"),
     Provider("fused", "torch.optim, fused=True", _torch_loader(fused=True), "torch"),

@@ -35,6 +35,21 @@ def _fmt_bytes(n: Optional[int]) -> str:
     return f"{n} B"
 
 
+def precision_title(config: Dict[str, Any]) -> str:
+    """triton-adam's precision options of the run, for table titles ("" when none)."""
+    optim = config.get("optimizer", {})
+    parts = []
+    if optim.get("state_dtype"):
+        parts.append(f"state_dtype={optim['state_dtype']}")
+    if optim.get("master_weights"):
+        parts.append(f"master_weights={optim['master_weights']}")
+    if optim.get("kahan_summation"):
+        parts.append("kahan_summation")
+    if optim.get("stochastic_rounding"):
+        parts.append("stochastic_rounding")
+    return f"triton-adam {' '.join(parts)}" if parts else ""
+
+
 def clip_title(config: Dict[str, Any]) -> str:
     """What the clipped step is, for table titles; "" when the run did not clip (or predates
     the option)."""
@@ -69,6 +84,9 @@ def results_table(record: Dict[str, Any]):
     clip = clip_title(record["config"])
     if clip:
         title += f", {clip}"
+    precision = precision_title(record["config"])
+    if precision:
+        title += f", {precision}"
     caption = (f"copy bandwidth {copy['gbps']:.1f} GB/s (read+write)" if copy else "copy bandwidth n/a")
     if record.get("interrupted"):
         caption += " - INTERRUPTED, partial results"

@@ -123,12 +123,17 @@ def _step_bytes(provider, opt, params, dtype, cfg) -> Optional[int]:
     if provider.bytes_source == "state":
         nbytes = byte_model.bytes_from_optimizer_state(opt, params)
     else:
-        # The state dtype the optimizer really allocated (fp32 states for bf16 params cost more).
-        exp_avg = opt.state.get(params[0], {}).get("exp_avg")
+        # The state dtype the optimizer really allocated (fp32 states for bf16 params cost more),
+        # and the master / remainder / compensation it steps with the param, if any.
+        state = opt.state.get(params[0], {})
+        exp_avg = state.get("exp_avg")
         state_dtype = exp_avg.dtype if isinstance(exp_avg, torch.Tensor) else dtype
-        nbytes = byte_model.adam_step_bytes(
-            (p.numel() for p in params), dtype, grad_dtype, state_dtype, cfg.amsgrad
-        )
+        extra = next((state[k] for k in ("master_param", "master_remainder",
+                                         "kahan_compensation") if k in state), None)
+        per = byte_model.adam_bytes_per_element(
+            dtype, grad_dtype, state_dtype, cfg.amsgrad,
+            extra.dtype if isinstance(extra, torch.Tensor) else None)
+        nbytes = per * sum(p.numel() for p in params)
     mode = provs.clip_mode(provider, cfg)
     if nbytes is None or mode is None:
         return nbytes
