@@ -452,8 +452,8 @@ def launch_adam_step(tensor_table, grad_table, block_map, coef_table, grad_scale
     """Launch ``adam_step_kernel`` over ``n_blocks`` programs (with ``warmup``, compile only).
 
     ``spec`` maps the constexpr names PARAM_DTYPE, GRAD_DTYPE, STATE_DTYPE (triton dtypes),
-    AMSGRAD, ALIGNED, STOCHASTIC_ROUNDING (bools) and MASTER (a MASTER_* value); ``grad_scale`` and ``found_inf`` are float32
-    device tensors or None.
+    AMSGRAD, ALIGNED, STOCHASTIC_ROUNDING (bools) and MASTER (a MASTER_* value);
+    ``grad_scale`` and ``found_inf`` are float32 device tensors or None.
     """
     if n_blocks == 0:
         return

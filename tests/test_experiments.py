@@ -67,12 +67,18 @@ def test_quick_run_writes_report_and_plots(tmp_path):
     path = run_experiments(str(tmp_path), quick=True, progress=False)
     assert os.path.isfile(path) and os.path.getsize(path) > 0
     text = open(path).read()
-    for title in ("Same trajectory", "Convergence races", "Decoupled weight decay", "Bias correction"):
+    for title in ("Same trajectory", "Convergence races", "Decoupled weight decay", "Bias correction",
+                  "Precision ladder"):
         assert title in text
-    for heading in ("## 1.", "## 2.", "## 3.", "## 4.", "## Environment", "## Closing note"):
+    for heading in ("## 1.", "## 2.", "## 3.", "## 4.", "## 5.", "## Environment", "## Closing note"):
         assert heading in text
     images = re.findall(r"!\[[^\]]*\]\(([^)]+\.png)\)", text)
-    assert set(images) >= {"trajectory.png", "convergence.png", "decoupling.png", "bias_correction.png"}
+    assert set(images) >= {"trajectory.png", "convergence.png", "decoupling.png", "bias_correction.png",
+                           "precision.png"}
+    # the precision study: every triton-adam rung trained (peers may be missing), and the memory table
+    for run in ("pure bf16", "bf16 + master (compact)", "bf16 + Kahan", "bf16 + stochastic rounding"):
+        row = next(line for line in text.splitlines() if line.startswith(f"| {run} |"))
+        assert "n/a" not in row.split("|")[3], row
     for name in images:
         png = tmp_path / name
         assert png.is_file() and png.stat().st_size > 1000
@@ -85,3 +91,22 @@ def test_module_entry_point_parses_arguments():
     with pytest.raises(SystemExit) as exc:
         main(["--help"])
     assert exc.value.code == 0
+
+
+def test_char_lm_is_a_causal_model_built_from_its_config():
+    """The char-level GPT: logits per position, and position t never sees positions after t."""
+    from triton_adam.experiments.char_lm import CharData, CharGPT, GPTConfig, corpus
+
+    text = corpus(5000, seed=1)
+    assert corpus(5000, seed=1) == text and corpus(5000, seed=2) != text
+    data = CharData(text, context=16)
+    model = CharGPT(GPTConfig(vocab_size=data.vocab_size, context=16, d_model=32, n_layers=1,
+                              n_heads=2), seed=0)
+    x, y = data.batch("train", 4, torch.Generator().manual_seed(0))
+    assert x.shape == y.shape == (4, 16) and torch.equal(x[:, 1:], y[:, :-1])
+    logits = model(x)
+    assert logits.shape == (4, 16, data.vocab_size)
+    changed = x.clone()
+    changed[:, 10:] = (changed[:, 10:] + 1) % data.vocab_size
+    torch.testing.assert_close(model(changed)[:, :10], logits[:, :10])
+    assert not torch.allclose(model(changed)[:, 10:], logits[:, 10:])

@@ -1,7 +1,8 @@
 """Experiments that show triton-adam trains, and trains like the reference.
 
 ``run_experiments(out_dir, quick)`` runs the four studies on scikit-learn's
-digits data, writes PNG plots and ``report.md`` into ``out_dir`` and returns
+digits data and the precision study (a char-level GPT and the digits MLP with bfloat16
+params), writes PNG plots and ``report.md`` into ``out_dir`` and returns
 the report's path. Entry points: ``triton-adam experiments [--quick] [--out DIR]``
 and ``python -m triton_adam.experiments [--quick] [--out DIR]``. Needs the
 ``experiments`` extra (scikit-learn, matplotlib).
@@ -13,7 +14,7 @@ import time
 from typing import Optional, Sequence
 
 DEFAULT_OUT = os.path.join("perf", "experiments")
-EXPERIMENTS = ("trajectory", "convergence", "decoupling", "bias_correction")
+EXPERIMENTS = ("trajectory", "convergence", "decoupling", "bias_correction", "precision")
 
 __all__ = ["run_experiments", "DEFAULT_OUT", "EXPERIMENTS"]
 
@@ -24,7 +25,7 @@ def run_experiments(out_dir: str = DEFAULT_OUT, quick: bool = False, *, progress
 
     ``quick`` runs a cut-down version of every experiment (under a minute on
     a 2-core CPU); ``only`` restricts to some of :data:`EXPERIMENTS` (for
-    development; the committed report runs all four).
+    development; the committed report runs all five).
     """
     # Imported here so that `import triton_adam.experiments` (e.g. by the CLI
     # to build its parser) works without the optional dependencies installed.
