@@ -6,7 +6,8 @@ count. The host keeps four device tables per bucket (see ``triton_adam/_plan.py`
 * ``tensor_table`` int64 ``[n_tensors, TABLE_WIDTH]``: addresses of param, exp_avg, exp_avg_sq,
   max_exp_avg_sq (0 without amsgrad) and step, then numel, the param-group index, the address of
   the master's extra memory (see MASTER_* below; 0 without) and the stochastic-rounding stream's
-  keys: the tensor's index in the optimizer and the global element index of its first element;
+  keys: the tensor's index in the optimizer (low word) and shard (high word), and the global
+  element index of its first element;
 * ``grad_table`` int64 ``[n_tensors]``: grad addresses, kept apart because they change every step
   under ``zero_grad(set_to_none=True)`` while everything else stays put;
 * ``block_map`` int32 ``[n_blocks, 2]``: (tensor index, block index inside that tensor) per program;
@@ -26,7 +27,7 @@ import triton.language as tl
 # tensor_table columns
 # (tl.constexpr so that kernels may read them; int() them for torch indexing)
 (COL_PARAM, COL_EXP_AVG, COL_EXP_AVG_SQ, COL_MAX_EXP_AVG_SQ, COL_STEP, COL_NUMEL, COL_GROUP,
- COL_MASTER, COL_RNG_TENSOR, COL_RNG_OFFSET) = map(tl.constexpr, range(10))
+ COL_MASTER, COL_RNG_STREAM, COL_RNG_OFFSET) = map(tl.constexpr, range(10))
 TABLE_WIDTH = tl.constexpr(10)
 # hyper_table columns
 (HYP_LR, HYP_BETA1, HYP_BETA2, HYP_EPS, HYP_WEIGHT_DECAY, HYP_DECOUPLED, HYP_MAXIMIZE,
@@ -183,31 +184,42 @@ def _load_value(stored_param, master_ptr, offsets, mask, PARAM_DTYPE: tl.constex
         master = tl.load(master_ptr + offsets, mask=mask)
         # A param written from outside the optimizer (weights loaded, an EMA swap) no longer
         # is its master's rounding: its master restarts from it instead of overwriting it.
-        param = tl.where(_same_bits(_rounded(master, PARAM_DTYPE), stored_param, PARAM_DTYPE),
-                         master, param)
+        # (bfloat16: the compact form's rounding, half away, counts too: a checkpoint saved in
+        # that form keeps its masters at ties.)
+        is_master_of = _same_bits(_rounded(master, PARAM_DTYPE), stored_param, PARAM_DTYPE)
+        if PARAM_DTYPE == tl.bfloat16:
+            half_away = (master.to(tl.uint32, bitcast=True) + 0x8000) >> 16
+            is_master_of = is_master_of | (
+                half_away.to(tl.uint16) == stored_param.to(tl.uint16, bitcast=True))
+        param = tl.where(is_master_of, master, param)
     elif MASTER == MASTER_REMAINDER:
         remainder = tl.load(master_ptr + offsets, mask=mask).to(tl.int32)
         high = stored_param.to(tl.uint16, bitcast=True).to(tl.uint32)
         bits = (high << 16) + remainder.to(tl.uint32, bitcast=True)  # wraps, as it should
-        # Any (param, remainder) pair is some master whose rounding is the param, so a param
-        # written from outside keeps its value (the stale remainder moves it by < half an
-        # ulp), except at +-0, where a negative remainder would wrap around to a NaN.
-        wraps = ((high & 0x7FFF) == 0) & (remainder < 0)
-        param = tl.where(wraps, param, bits.to(tl.float32, bitcast=True))
+        # Almost any (param, remainder) pair is some master whose rounding is the param, so a
+        # param written from outside keeps its value (the stale remainder moves it by < half
+        # an ulp); not a negative remainder at +-0 (it would wrap around to a NaN) nor a
+        # positive one at +-inf (a NaN): those are stale, and the param's value is taken.
+        magnitude = high & 0x7FFF
+        stale = ((magnitude == 0) & (remainder < 0)) | ((magnitude == 0x7F80) & (remainder > 0))
+        param = tl.where(stale, param, bits.to(tl.float32, bitcast=True))
     elif MASTER == MASTER_KAHAN:
         param = param + tl.load(master_ptr + offsets, mask=mask).to(tl.float32)
     return param
 
 
 @triton.jit
-def _random_bits16(rng_key, rng_tensor, elements):
+def _random_bits16(rng_key, rng_stream, elements):
     """16 uniform random bits (in a uint32) per element, from Philox-4x32-10 keyed on
-    ``rng_key`` (seed, step) and counted by (element index, tensor index): a stream that no
-    state is kept for, the same for the same keys on any device and in the torch fallback."""
+    ``rng_key`` (seed, step) and counted by (element index, its high word, ``rng_stream``'s
+    low word: the param's index, its high word: the shard's): a stream that no state is kept
+    for, the same for the same keys on any device and in the torch fallback."""
     lo = elements.to(tl.uint32)
     hi = (elements >> 32).to(tl.uint32)
-    tensor = (lo * 0) + rng_tensor.to(tl.uint32)
-    random, _, _, _ = tl.philox(rng_key, lo, hi, tensor, lo * 0)
+    zero = lo * 0
+    tensor = zero + (rng_stream & 0xFFFFFFFF).to(tl.uint32)
+    shard = zero + (rng_stream >> 32).to(tl.uint32)
+    random, _, _, _ = tl.philox(rng_key, lo, hi, tensor, shard)
     return random >> 16
 
 
@@ -251,7 +263,7 @@ def _store_value(param_ptr, master_ptr, offsets, mask, value, random16,
 def _adam_block(
     param_ptr, grad_ptr, exp_avg_ptr, exp_avg_sq_ptr, max_exp_avg_sq_ptr, master_ptr, offsets,
     mask, one_minus_beta1, beta2, one_minus_beta2, eps, neg_step_size, bc2_sqrt, param_scale, l2,
-    grad_sign, clip, grad_scale, rng_key, rng_tensor, rng_start,
+    grad_sign, clip, grad_scale, rng_key, rng_stream, rng_start,
     PARAM_DTYPE: tl.constexpr, STATE_DTYPE: tl.constexpr, AMSGRAD: tl.constexpr,
     HAS_GRAD_SCALE: tl.constexpr, MASTER: tl.constexpr, STOCHASTIC_ROUNDING: tl.constexpr,
 ):
@@ -264,7 +276,7 @@ def _adam_block(
     random16 = 0
     if STOCHASTIC_ROUNDING:
         # drawn first: the generator's state is dead before the loads and the math begin
-        random16 = _random_bits16(rng_key, rng_tensor, rng_start + offsets)
+        random16 = _random_bits16(rng_key, rng_stream, rng_start + offsets)
     stored_param = tl.load(param_ptr + offsets, mask=mask)
     param = _load_value(stored_param, master_ptr, offsets, mask, PARAM_DTYPE, MASTER)
     grad = tl.load(grad_ptr + offsets, mask=mask).to(tl.float32)
@@ -364,14 +376,14 @@ def adam_step_kernel(
         # int64 base so that tensors past 2**31 elements work; lane offsets stay int32.
         start = block * BLOCK_SIZE
         rng_key = 0
-        rng_tensor = 0
+        rng_stream = 0
         rng_start = start
         if STOCHASTIC_ROUNDING:
             # Philox key: the group's seed in the low word, the tensor's step in the high one
             seed = tl.load(coef + COEF_SEED).to(tl.uint32, bitcast=True).to(tl.uint64)
             step = tl.load(coef + COEF_STEP).to(tl.uint64)
             rng_key = (step << 32) | seed
-            rng_tensor = tl.load(row + COL_RNG_TENSOR)
+            rng_stream = tl.load(row + COL_RNG_STREAM)
             rng_start = start + tl.load(row + COL_RNG_OFFSET)
         param_ptr += start
         grad_ptr += start
@@ -397,7 +409,7 @@ def adam_step_kernel(
                             max_exp_avg_sq_ptr + tile_start, master_ptr + tile_start, lanes,
                             None, one_minus_beta1, beta2, one_minus_beta2, eps, neg_step_size,
                             bc2_sqrt, param_scale, l2, grad_sign, clip, grad_scale,
-                            rng_key, rng_tensor, rng_start + tile_start,
+                            rng_key, rng_stream, rng_start + tile_start,
                             PARAM_DTYPE, STATE_DTYPE, AMSGRAD, HAS_GRAD_SCALE, MASTER,
                             STOCHASTIC_ROUNDING)
             elif remaining > 0:
@@ -407,7 +419,7 @@ def adam_step_kernel(
                             lanes < remaining.to(tl.int32),
                             one_minus_beta1, beta2, one_minus_beta2, eps, neg_step_size,
                             bc2_sqrt, param_scale, l2, grad_sign, clip, grad_scale,
-                            rng_key, rng_tensor, rng_start + tile_start,
+                            rng_key, rng_stream, rng_start + tile_start,
                             PARAM_DTYPE, STATE_DTYPE, AMSGRAD, HAS_GRAD_SCALE, MASTER,
                             STOCHASTIC_ROUNDING)
 

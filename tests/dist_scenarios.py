@@ -172,6 +172,40 @@ def precision_rungs_on_fsdp2(rank, world_size, shared_dir):
                 assert all(isinstance(m, DTensor) and m.dtype == torch.float32 for m in masters)
 
 
+def random_streams_are_unique_per_shard(rank, world_size, shared_dir):
+    """Stochastic rounding's counters: a dim-0 shard counts by global element index (shard 0),
+    so it draws what the unsharded param draws; a dim-1 shard (not one run of the global
+    order) gets its own shard number, so no two elements share a counter; both backends
+    round such a shard alike."""
+    from torch.distributed.tensor import distribute_tensor
+
+    from triton_adam import _distributed
+
+    mesh = init_device_mesh("cpu", (world_size,))
+    full = torch.randn(6, 4, generator=torch.Generator().manual_seed(5))
+    rows = distribute_tensor(full, mesh, [Shard(0)], src_data_rank=None)
+    columns = distribute_tensor(full, mesh, [Shard(1)], src_data_rank=None)
+    assert _distributed.random_stream(rows) == (rank * 3 * 4, 0)
+    assert _distributed.random_stream(columns) == (0, 1 + rank)
+    for sharded in (rows, columns):  # every rank's (element, shard) counters: all distinct
+        streams = [None] * world_size
+        dist.all_gather_object(streams, _distributed.random_stream(sharded))
+        counters = {(offset + i, shard) for offset, shard in streams
+                    for i in range(local(sharded).numel())}
+        assert len(counters) == 6 * 4, streams
+    bits = {}
+    for backend in BACKENDS:
+        param = nn.Parameter(distribute_tensor(full.to(torch.bfloat16), mesh, [Shard(1)],
+                                               src_data_rank=None))
+        opt = triton_adam.AdamW([param], lr=0.01, backend=backend, stochastic_rounding=True,
+                                seed=2)
+        param.grad = distribute_tensor(torch.ones(6, 4, dtype=torch.bfloat16), mesh, [Shard(1)],
+                                       src_data_rank=None)
+        opt.step()
+        bits[backend] = local(param).detach().view(torch.int16).clone()
+    assert torch.equal(bits["torch"], bits["triton"])
+
+
 def _shard_of(full, param):
     """The part of a full tensor that is ``param``'s local shard (Shard/Replicate placements)."""
     from torch.distributed.tensor._utils import compute_local_shape_and_global_offset

@@ -257,3 +257,20 @@ def test_precision_rungs_compile_and_match_eager(backend, compiler, rung):
         key = "kahan_compensation"
     if key:
         assert all(key in opt.state[p] for p in params)
+
+
+@pytest.mark.parametrize("backend", OPT_BACKENDS)
+def test_a_mode_switch_that_rewrites_params_still_adds_amsgrads_state(backend):
+    """True -> "compact" at a tie (the param moves to the compact rounding) together with
+    amsgrad switched on, under compile: both conversions happen before the graph runs."""
+    p = torch.nn.Parameter(torch.ones(4, dtype=torch.bfloat16))
+    opt = triton_adam.AdamW([p], lr=0.0, weight_decay=0.0, backend=backend, master_weights=True)
+    p.grad = torch.zeros_like(p)
+    opt.step()
+    tie = torch.tensor(1.0 + 2**-8)  # halfway between 1 and the next bfloat16
+    opt.state[p]["master_param"].fill_(tie)
+    opt.param_groups[0]["master_weights"] = "compact"
+    opt.param_groups[0]["amsgrad"] = True
+    torch.compile(opt.step, backend="aot_eager", fullgraph=True)()
+    assert {"max_exp_avg_sq", "master_remainder"} <= set(opt.state[p])
+    assert (p == 1.0 + 2**-7).all()  # the compact rounding of the tie, half away from zero

@@ -21,6 +21,7 @@ WORLD_2 = [
     "fsdp2_uneven_and_empty_shards",
     "fsdp2_shard1_placement",
     "precision_rungs_on_fsdp2",
+    "random_streams_are_unique_per_shard",
     "mixed_tensor_and_dtensor_group",
     "partial_grads_are_redistributed",
     "clip_matches_torch_on_1d_mesh",

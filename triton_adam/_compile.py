@@ -121,7 +121,7 @@ def _init_state(optimizer, param, amsgrad: bool, precision) -> None:
         state = optimizer.state[param] = converted
     if rewrite is not None:
         param.detach().copy_(rewrite)
-    elif amsgrad and "max_exp_avg_sq" not in state:
+    if amsgrad and "max_exp_avg_sq" not in state:
         # amsgrad switched on mid-training: start its maximum from zero (as eager steps do)
         state["max_exp_avg_sq"] = torch.zeros_like(param, dtype=state_dtype,
                                                    memory_format=torch.preserve_format)

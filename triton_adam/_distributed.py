@@ -108,19 +108,37 @@ def adopt_state(what: str, key: str, param: Tensor, value: Tensor) -> Tensor:
     return value
 
 
-def global_offset(param: Tensor) -> int:
-    """The global flat index (row-major) of the local shard's first element; 0 for a plain
-    tensor. Stochastic rounding counts its random stream by it, so replicas of a shard draw the
-    same numbers, and with dim-0 sharding (FSDP2's) every element draws the same numbers at any
-    world size."""
+def random_stream(param: Tensor):
+    """(global element index of the local shard's first element, shard number) for
+    stochastic rounding's counter: the random numbers of element i of the local shard are
+    counted by (offset + i, shard).
+
+    A plain tensor is (0, 0). A shard whose elements are one run of the global (row-major)
+    order, as FSDP2's dim-0 shards are, is (its global offset, 0): it draws what the unsharded
+    param would, at any world size. Any other shard (another dim, several dims, strided
+    shards) is (0, 1 + its index among the shards), which keeps every element's counter
+    unique; replicas (Replicate dims) share their shard's number, so they round alike.
+    """
     if not is_dtensor(param) or param._local_tensor.numel() == 0:
-        return 0
+        return 0, 0
     from torch.distributed.tensor._utils import compute_local_shape_and_global_offset
 
-    _, offsets = compute_local_shape_and_global_offset(param.shape, param.device_mesh,
-                                                       param.placements)
-    strides = torch.empty(param.shape, device="meta").stride()
-    return int(sum(o * s for o, s in zip(offsets, strides)))
+    mesh, placements = param.device_mesh, param.placements
+    shape, offsets = compute_local_shape_and_global_offset(param.shape, mesh, placements)
+    sharded = [d for d, (n, o, g) in enumerate(zip(shape, offsets, param.shape))
+               if n != g or o != 0]
+    strided = any(type(p).__name__ == "_StridedShard" for p in placements)
+    one_run = not strided and (not sharded or (
+        len(sharded) == 1 and all(param.shape[d] == 1 for d in range(sharded[0]))))
+    if one_run:
+        strides = torch.empty(param.shape, device="meta").stride()
+        return int(sum(o * s for o, s in zip(offsets, strides))), 0
+    coordinate = mesh.get_coordinate()
+    shard = 0
+    for dim, placement in enumerate(placements):
+        if placement.is_shard():
+            shard = shard * mesh.size(dim) + coordinate[dim]
+    return 0, 1 + shard
 
 
 def check_local_layout(what: str, key: str, param: Tensor, value: Tensor) -> None:

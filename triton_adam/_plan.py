@@ -74,10 +74,17 @@ class Member:
     segment: int = 0  # the grad-norm segment (see _distributed.NormReduction)
     precision: _precision.Precision = None  # state dtype, master or compensation, rounding
     grad_dtype: torch.dtype = None  # the param's dtype, or float32 grads of 16-bit params
-    # stochastic rounding's stream keys: the param's index in the optimizer, and the global
-    # element index of the local shard's first element
+    # stochastic rounding's stream keys: the param's index in the optimizer and its shard's
+    # number (see _distributed.random_stream), and the global element index of the local
+    # shard's first element
     rng_tensor: int = 0
+    rng_shard: int = 0
     rng_offset: int = 0
+
+    @property
+    def rng_stream(self) -> int:
+        """The stream word of the kernels' counter: param index, shard number above it."""
+        return self.rng_tensor | (self.rng_shard << 32)
 
     @classmethod
     def of(cls, group_index, position, param, state):
@@ -217,7 +224,7 @@ class TritonBucket:
             table[row, K.COL_STEP] = s["step"].data_ptr()
             table[row, K.COL_NUMEL] = m.flat_param.numel()
             table[row, K.COL_GROUP] = m.group_index
-            table[row, K.COL_RNG_TENSOR] = m.rng_tensor
+            table[row, K.COL_RNG_STREAM] = m.rng_stream
             table[row, K.COL_RNG_OFFSET] = m.rng_offset
             if m.numel == 0:
                 # An empty tensor or shard (its address may be 0 or odd) advances its step in
@@ -357,7 +364,7 @@ class StepPlan:
                 member.precision = precision
                 member.rng_tensor = (param_index[param] if param_index is not None
                                      else int(first_index[gi]) + pi)
-                member.rng_offset = _distributed.global_offset(param)
+                member.rng_offset, member.rng_shard = _distributed.random_stream(param)
                 _check_state_layout(member, amsgrad)
                 member.keep(("step",) + memory_keys(amsgrad, member.extra_key))
                 # Hyperparameters and the decoupled/maximize flags are per tensor in the Triton

@@ -68,14 +68,8 @@ def check_options(master_weights, kahan_summation, stochastic_rounding, seed) ->
     if len(chosen) > 1:
         raise ValueError(f"{' and '.join(chosen)} cannot be combined: each is a way of keeping "
                          "what the 16-bit param's rounding loses; choose one")
-    if seed is not None and not (isinstance(seed, int) and 0 <= seed < SEED_LIMIT):
-        raise ValueError(f"seed must be None or an int in [0, 2**32), got {seed!r}")
-
-
-def default_seed() -> int:
-    """The seed of a group that gives none: torch's initial seed (so ``torch.manual_seed``
-    makes the stream reproducible), read without drawing from torch's generator."""
-    return torch.initial_seed() % SEED_LIMIT
+    if isinstance(seed, bool) or not (isinstance(seed, int) and 0 <= seed < SEED_LIMIT):
+        raise ValueError(f"seed must be an int in [0, 2**32), got {seed!r}")
 
 
 def of(group: dict, param: Tensor, what: str = "a param") -> Precision:
@@ -130,6 +124,17 @@ def _bits16(param: Tensor) -> Tensor:
     return param.contiguous().view(torch.int16).to(torch.int64) & 0xFFFF
 
 
+def rounded(value: Tensor, dtype: torch.dtype) -> Tensor:
+    """float32 ``value`` rounded to nearest even in ``dtype``, as the kernels store it: a
+    bfloat16 NaN is the canonical 0x7FC0 (torch's CPU cast keeps the sign and payload)."""
+    out = value.to(dtype)
+    if dtype == torch.bfloat16:
+        out = torch.where(torch.isnan(value), _bf16_of_bits(torch.full_like(value, 0x7FC0,
+                                                                            dtype=torch.int64)),
+                          out)
+    return out
+
+
 def split_half_away(value: Tensor):
     """float32 ``value`` -> (bfloat16 rounded half away from zero, int16 remainder) such that
     ``join(high, remainder)`` gives ``value`` back exactly (NaN -> canonical NaN, remainder 0)."""
@@ -144,19 +149,26 @@ def split_half_away(value: Tensor):
 
 
 def join(param: Tensor, remainder: Tensor) -> Tensor:
-    """The float32 master a bfloat16 param and its int16 remainder hold (the kernel's rule:
-    at +-0 a negative remainder is a stale one and the param's value is taken)."""
+    """The float32 master a bfloat16 param and its int16 remainder hold (the kernel's rule: a
+    remainder that no master rounding to the param can have, negative at +-0 or positive at
+    +-inf, is a stale one, and the param's value is taken)."""
     high = _bits16(param)
     remainder = remainder.to(torch.int64)
     bits = ((high << 16) + remainder) & _MASK32
     bits = torch.where(bits >= 2**31, bits - 2**32, bits).to(torch.int32)
-    wraps = ((high & 0x7FFF) == 0) & (remainder < 0)
-    return torch.where(wraps, param.float(), bits.view(torch.float32))
+    magnitude = high & 0x7FFF
+    stale = ((magnitude == 0) & (remainder < 0)) | ((magnitude == 0x7F80) & (remainder > 0))
+    return torch.where(stale, param.float(), bits.view(torch.float32))
 
 
 def rounds_to(master: Tensor, param: Tensor) -> Tensor:
-    """Elementwise: ``param`` is ``master`` rounded to nearest even in the param's dtype."""
-    return _bits16(master.to(param.dtype)) == _bits16(param)
+    """Elementwise: ``param`` is ``master`` rounded to nearest even in the param's dtype, or
+    (bfloat16) rounded half away from zero, the compact form's rounding (the two differ only
+    at ties): either way the master is the param's, not a stale one."""
+    same = _bits16(master.to(param.dtype)) == _bits16(param)
+    if param.dtype == torch.bfloat16:
+        same |= _bits16(split_half_away(master)[0]) == _bits16(param)
+    return same
 
 
 def value_of(param: Tensor, state: dict) -> Tensor:
@@ -182,9 +194,9 @@ def convert(param: Tensor, state: dict, precision: Precision):
     """``state`` in ``precision``'s extra form: (new state dict or ``state`` if nothing
     changes, bfloat16 bits to write into the param or None).
 
-    The float32 value is carried over exactly where the target form can hold it: into the
-    remainder form, a master whose param is its nearest-even rounding at a tie becomes the
-    rounding half away (one ulp; the param is rewritten to it, once the step is sure to run).
+    The float32 value is carried over exactly into a master or a remainder: where the param is
+    not that form's rounding of it (a tie rounded the other way, a Kahan pair's sum), the param
+    is rewritten to it (one ulp, once the step is sure to run).
     """
     key = precision.extra_key
     others = [k for k in EXTRA_KEYS.values() if k in state and k != key]
@@ -197,18 +209,16 @@ def convert(param: Tensor, state: dict, precision: Precision):
     if precision.extra is not None:
         extra = _distributed.zeros_like(param, precision.extra_dtype(param.dtype))
         if precision.extra == "fp32":
-            # a master must round to its param (else the kernel restarts it from the param):
-            # a Kahan pair's sum can be a tie that rounds away; one float32 ulp toward the
-            # param settles it
+            # a master must round to its param (else the kernel restarts it from the param)
+            local(extra).copy_(value)
             kept = rounds_to(value, shard) | value.isnan()
-            local(extra).copy_(torch.where(kept, value, torch.nextafter(value, shard.float())))
+            if not bool(kept.all()):
+                rewrite = torch.where(kept, shard, value.to(shard.dtype))
         elif precision.extra == "remainder":
             high, remainder = split_half_away(value)
-            # the value is the param's (restarted) unless the param is a rounding of it
-            kept = (_bits16(high) == _bits16(shard)) | rounds_to(value, shard)
-            local(extra).copy_(torch.where(kept, remainder, torch.zeros_like(remainder)))
-            if not torch.equal(_bits16(high)[kept], _bits16(shard)[kept]):
-                rewrite = torch.where(kept, high, shard)
+            local(extra).copy_(remainder)
+            if not torch.equal(_bits16(high), _bits16(shard)):
+                rewrite = high
         else:
             compensation = value - shard.float()
             compensation = torch.where(compensation.isfinite(), compensation,
@@ -260,11 +270,13 @@ def philox(key0, key1, c0: Tensor, c1, c2, c3, rounds: int = 10):
     return c0, c1, c2, c3
 
 
-def random_bits16(seed: int, step: Tensor, tensor_index: int, elements: Tensor) -> Tensor:
+def random_bits16(seed: int, step: Tensor, stream: int, elements: Tensor) -> Tensor:
     """The kernels' 16 random bits per element (int64): Philox keyed on (seed, step), counted
-    by (element index low word, high word, tensor index, 0)."""
+    by (element index low word, high word, ``stream``'s low word: the param's index, its high
+    word: the shard's)."""
     step = step.to(torch.int64) & _MASK32
-    random, _, _, _ = philox(seed, step, elements & _MASK32, elements >> 32, tensor_index, 0)
+    random, _, _, _ = philox(seed, step, elements & _MASK32, elements >> 32,
+                             stream & _MASK32, stream >> 32)
     return random >> 16
 
 

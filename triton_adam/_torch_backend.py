@@ -44,7 +44,7 @@ class TorchBucket:
         self.extra = precision.extra if precision is not None else None
         self.stochastic = precision is not None and precision.stochastic
         self.extras = [m.flat(m.state[m.extra_key]) for m in members] if self.extra else []
-        self.rng = [(m.rng_tensor, m.rng_offset) for m in members]
+        self.rng = [(m.rng_stream, m.rng_offset) for m in members]
 
     def launch(self, grads, group, grad_scale, found_inf, clip):
         """One step; ``clip`` is a 0-d float32 clip factor or None."""
@@ -139,7 +139,7 @@ class TorchBucket:
             new.update(self._written_param(i, p, param, group))
             for target, value in new.items():
                 if value.dtype != target.dtype:
-                    value = value.to(target.dtype)
+                    value = _precision.rounded(value, target.dtype)
                 if skip is not None:
                     value = torch.where(skip, target, value)
                 target.copy_(value)
@@ -148,21 +148,22 @@ class TorchBucket:
     def _written_param(self, i, value, param, group) -> dict:
         """What the updated float32 ``value`` writes: {target tensor: its new contents}."""
         if self.extra == "fp32":
-            return {self.extras[i]: value, param: value.to(param.dtype)}
+            return {self.extras[i]: value, param: _precision.rounded(value, param.dtype)}
         if self.extra == "remainder":
             high, remainder = _precision.split_half_away(value)
             return {self.extras[i]: remainder, param: high}
         if self.extra == "kahan":
-            rounded = value.to(param.dtype)
+            rounded = _precision.rounded(value, param.dtype)
             compensation = value - rounded.float()
             compensation = torch.where(compensation.isfinite(), compensation,
                                        torch.zeros_like(compensation))
-            return {self.extras[i]: compensation.to(param.dtype), param: rounded}
+            return {self.extras[i]: _precision.rounded(compensation, param.dtype),
+                    param: rounded}
         if self.stochastic:
-            tensor_index, offset = self.rng[i]
+            stream, offset = self.rng[i]
             elements = offset + torch.arange(value.numel(), device=value.device)
             random16 = _precision.random_bits16(int(group.get("seed") or 0), self.steps[i],
-                                                tensor_index, elements)
+                                                stream, elements)
             # the stream follows memory order, as the kernel walks it (any dense strides)
             random16 = random16.as_strided(value.shape, value.stride())
             return {param: _precision.stochastic_round(value, random16)}

@@ -74,9 +74,10 @@ _COMMON_DOC = """
             stochastically (up with probability proportional to the dropped bits: unbiased),
             from a counter-based random stream keyed on (seed, step, param, element): no state,
             the same bits for the same seed, a resumed run continues the stream.
-        seed (int, optional): the stochastic-rounding seed of the group, in [0, 2**32), kept in
-            the param group (so in ``state_dict()``). None: ``torch.initial_seed()``, so
-            ``torch.manual_seed`` makes runs reproducible. master_weights, kahan_summation and
+        seed (int): the stochastic-rounding seed of the group, in [0, 2**32), kept in the
+            param group (so in ``state_dict()``). The default, 0, is the same in every
+            process, so that replicas (DDP, replicated DTensor dims) round alike; give each
+            run its own seed for independent streams. master_weights, kahan_summation and
             stochastic_rounding exclude one another.
         backend ("auto", "triton" or "torch"): "auto" runs the Triton kernels on CUDA tensors
             (and on CPU tensors when ``TRITON_INTERPRET=1``), torch's fused kernels elsewhere or
@@ -97,7 +98,7 @@ class _FusedAdamBase(torch.optim.Optimizer):
                  capturable, differentiable, fused, decoupled_weight_decay, backend,
                  max_grad_norm, skip_nonfinite, eps_mode, bias_correction, weight_decay_mode,
                  state_dtype, master_weights, kahan_summation=False, stochastic_rounding=False,
-                 seed=None):
+                 seed=0):
         if backend not in BACKENDS:
             raise ValueError(f"backend must be one of {BACKENDS}, got {backend!r}")
         if max_grad_norm is not None and not max_grad_norm > 0:
@@ -147,8 +148,6 @@ class _FusedAdamBase(torch.optim.Optimizer):
             param_group["betas"] = tuple(map(_validation.to_scalar, param_group["betas"]))
         super().add_param_group(param_group)
         group_index = len(self.param_groups) - 1
-        if self.param_groups[-1].get("seed") is None:
-            self.param_groups[-1]["seed"] = _precision.default_seed()
         try:
             for position, param in enumerate(self.param_groups[-1]["params"]):
                 _validation.check_param(group_index, position, param)
@@ -433,7 +432,7 @@ class Adam(_FusedAdamBase):
                  backend="auto", max_grad_norm=None, skip_nonfinite=False, eps_mode="torch",
                  bias_correction=True, weight_decay_mode="torch", state_dtype=None,
                  master_weights=False, kahan_summation=False, stochastic_rounding=False,
-                 seed=None):
+                 seed=0):
         super().__init__(params, lr, betas, eps, weight_decay, amsgrad, foreach=foreach,
                          maximize=maximize, capturable=capturable,
                          differentiable=differentiable, fused=fused,
@@ -455,7 +454,7 @@ class AdamW(_FusedAdamBase):
                  skip_nonfinite=False, eps_mode="torch", bias_correction=True,
                  weight_decay_mode="torch", state_dtype=None,
                  master_weights=False, kahan_summation=False, stochastic_rounding=False,
-                 seed=None):
+                 seed=0):
         super().__init__(params, lr, betas, eps, weight_decay, amsgrad, foreach=foreach,
                          maximize=maximize, capturable=capturable,
                          differentiable=differentiable, fused=fused,
