@@ -184,13 +184,16 @@ def _load_value(stored_param, master_ptr, offsets, mask, PARAM_DTYPE: tl.constex
         master = tl.load(master_ptr + offsets, mask=mask)
         # A param written from outside the optimizer (weights loaded, an EMA swap) no longer
         # is its master's rounding: its master restarts from it instead of overwriting it.
-        # (bfloat16: the compact form's rounding, half away, counts too: a checkpoint saved in
-        # that form keeps its masters at ties.)
-        is_master_of = _same_bits(_rounded(master, PARAM_DTYPE), stored_param, PARAM_DTYPE)
         if PARAM_DTYPE == tl.bfloat16:
-            half_away = (master.to(tl.uint32, bitcast=True) + 0x8000) >> 16
-            is_master_of = is_master_of | (
-                half_away.to(tl.uint16) == stored_param.to(tl.uint16, bitcast=True))
+            # within half an ulp of the param, ties included (so that the compact form's
+            # rounding, half away from zero, counts as the master's too), in integer ops:
+            # same sign, and at most 2**15 float32 steps apart
+            master_bits = master.to(tl.uint32, bitcast=True)
+            param_bits = stored_param.to(tl.uint16, bitcast=True).to(tl.uint32) << 16
+            same_sign = ((master_bits ^ param_bits) >> 31) == 0
+            is_master_of = same_sign & ((master_bits - param_bits + 0x8000) <= 0x10000)
+        else:
+            is_master_of = _same_bits(_rounded(master, PARAM_DTYPE), stored_param, PARAM_DTYPE)
         param = tl.where(is_master_of, master, param)
     elif MASTER == MASTER_REMAINDER:
         remainder = tl.load(master_ptr + offsets, mask=mask).to(tl.int32)

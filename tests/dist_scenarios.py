@@ -166,6 +166,9 @@ def precision_rungs_on_fsdp2(rank, world_size, shared_dir):
                     assert isinstance(extra, DTensor) and extra.placements == p.placements, what
                     # (compared shard by shard: gloo cannot gather int16)
                     assert torch.equal(local(extra), _shard_of(ref.state[q][key], p)), what
+            if rung.get("master_weights") == "compact":  # fp32 moments + int16 remainder
+                local_numel = sum(local(p).numel() for p in model.parameters())
+                assert opt.state_bytes() == 10 * local_numel, what
             saved = opt.state_dict()["state"]
             if rung.get("master_weights"):
                 masters = [s["master_param"] for s in saved.values()]

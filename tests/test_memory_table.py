@@ -14,6 +14,8 @@ def test_held_and_moved_bytes_match_the_real_state(mode):
     p.grad = torch.randn(numel).to(mode.param_dtype)
     opt.step()
     assert byte_model.held_bytes(opt, [p]) == mode.held * numel
+    assert opt.state_bytes() == mode.held * numel
+    assert opt.state_bytes(per_param=True) == {p: mode.held * numel}
     assert byte_model.bytes_from_optimizer_state(opt, [p]) == mode.moved * numel
 
 

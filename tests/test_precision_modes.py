@@ -9,7 +9,7 @@ import torch
 
 import triton_adam
 from conftest import DEVICE_BACKENDS, backends_on
-from interpreter_faults import skip_if_fma_rounds_twice
+from interpreter_faults import fma_rounds_twice, skip_if_fma_rounds_twice
 from triton_adam import _precision
 
 BF16 = torch.bfloat16
@@ -367,8 +367,8 @@ def test_modes_compose_with_every_flag_clipping_and_grad_scaling(device, backend
                                                                  max_grad_norm):
     """Each mode under amsgrad, maximize, Adam/AdamW, fused clipping and a GradScaler-style
     grad_scale/found_inf: the backends agree bit for bit (within a bfloat16 ulp with clipping,
-    whose factor the backends round differently by an ulp); an overflow step changes
-    nothing."""
+    whose factor the backends round differently by an ulp, or where an old interpreter rounds
+    fma twice); an overflow step changes nothing."""
     options = {"compact": dict(master_weights="compact"), "kahan": dict(kahan_summation=True),
                "sr": dict(stochastic_rounding=True, seed=3)}[extra]
     results = []
@@ -391,7 +391,7 @@ def test_modes_compose_with_every_flag_clipping_and_grad_scaling(device, backend
         results.append((p.detach().clone(), {k: v.clone() for k, v in opt.state[p].items()}))
     if len(results) == 2:
         (a, sa), (b, sb) = results
-        if max_grad_norm is None:
+        if max_grad_norm is None and not fma_rounds_twice():
             assert torch.equal(bits(a), bits(b))
             for key in sa:
                 assert torch.equal(sa[key], sb[key]), key

@@ -162,13 +162,15 @@ def join(param: Tensor, remainder: Tensor) -> Tensor:
 
 
 def rounds_to(master: Tensor, param: Tensor) -> Tensor:
-    """Elementwise: ``param`` is ``master`` rounded to nearest even in the param's dtype, or
-    (bfloat16) rounded half away from zero, the compact form's rounding (the two differ only
-    at ties): either way the master is the param's, not a stale one."""
-    same = _bits16(master.to(param.dtype)) == _bits16(param)
-    if param.dtype == torch.bfloat16:
-        same |= _bits16(split_half_away(master)[0]) == _bits16(param)
-    return same
+    """Elementwise: ``master`` is ``param``'s, not a stale one (the kernels' rule): float16,
+    the param is its rounding to nearest even; bfloat16, it lies within half an ulp of the
+    param, ties included (so either rounding, nearest even or the compact form's half away
+    from zero, counts): same sign and at most 2**15 float32 steps apart."""
+    if param.dtype != torch.bfloat16:
+        return _bits16(master.to(param.dtype)) == _bits16(param)
+    master_bits, param_bits = _bits32(master), _bits16(param) << 16
+    same_sign = ((master_bits ^ param_bits) >> 31) == 0
+    return same_sign & (((master_bits - param_bits + 0x8000) & _MASK32) <= 0x10000)
 
 
 def value_of(param: Tensor, state: dict) -> Tensor:

@@ -176,6 +176,21 @@ class _FusedAdamBase(torch.optim.Optimizer):
         self._normalize_steps()
         self._invalidate_plan()
 
+    def state_bytes(self, per_param: bool = False):
+        """Bytes of optimizer state this process holds: every per-element state tensor
+        (moments, master, master remainder, Kahan compensation; a DTensor's local shard), not
+        the 0-d step counters, params or grads.
+
+        Args:
+            per_param (bool): return ``{param: bytes}`` (params with state only) instead of
+                the total.
+        """
+        held = {}
+        for param, state in self.state.items():
+            held[param] = sum(local(t).numel() * local(t).element_size()
+                              for t in state.values() if isinstance(t, Tensor) and t.dim() > 0)
+        return held if per_param else sum(held.values())
+
     def state_dict(self) -> dict:
         """torch's state dict, loadable by torch.optim.Adam/AdamW: torch's keys, plus each
         16-bit param's float32 master as a dense float32 ``master_param`` (also when it is
