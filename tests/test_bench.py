@@ -497,3 +497,10 @@ def test_precision_options_change_triton_adams_bytes(small_copy, options, moved,
     assert rows[("triton-adam", "fp32")]["status"] == "skipped"
     assert "bf16/fp16 params only" in rows[("triton-adam", "fp32")]["reason"]
     assert rows[("fused", "bf16")]["bytes_per_step"] == 14 * n
+
+
+def test_kernel_spec_names_the_master_mode():
+    spec = {"PARAM_DTYPE": "bf16", "AMSGRAD": False, "MASTER": 2, "STOCHASTIC_ROUNDING": False}
+    assert kernel_report.format_spec(spec) == "PARAM_DTYPE=bf16 MASTER=remainder"
+    assert kernel_report.format_spec(dict(spec, MASTER=0, STOCHASTIC_ROUNDING=True)) == \
+        "PARAM_DTYPE=bf16 STOCHASTIC_ROUNDING"

@@ -38,10 +38,16 @@ def check_rows(rows: List[Dict[str, Any]]) -> None:
             raise ValueError(f"compile_all row {i} ({row.get('name')!r}) lacks {', '.join(missing)}")
 
 
+# the step kernel's MASTER constexpr (kernels/adam_step.py MASTER_*), by name; 0 is omitted
+MASTER_NAMES = {0: None, 1: "fp32", 2: "remainder", 3: "kahan"}
+
+
 def format_spec(spec: Dict[str, Any]) -> str:
     """Compact flags: true booleans by name, false ones omitted, other values as k=v."""
     parts = []
     for k, v in spec.items():
+        if k == "MASTER":
+            v = MASTER_NAMES.get(v, v)
         if v is True:
             parts.append(k)
         elif v is False or v is None:
