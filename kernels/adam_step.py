@@ -27,8 +27,11 @@ import triton.language as tl
 # tensor_table columns
 # (tl.constexpr so that kernels may read them; int() them for torch indexing)
 (COL_PARAM, COL_EXP_AVG, COL_EXP_AVG_SQ, COL_MAX_EXP_AVG_SQ, COL_STEP, COL_NUMEL, COL_GROUP,
- COL_MASTER, COL_RNG_STREAM, COL_RNG_OFFSET) = map(tl.constexpr, range(10))
-TABLE_WIDTH = tl.constexpr(10)
+ COL_MASTER, COL_RNG_STREAM, COL_RNG_OFFSET, COL_EXP_AVG_SCALE,
+ COL_EXP_AVG_SQ_SCALE) = map(tl.constexpr, range(12))
+TABLE_WIDTH = tl.constexpr(12)
+# 8-bit states (STATE_DTYPE int8): elements per float32 scale (see triton_adam/_quantize.py)
+QUANT_BLOCK = tl.constexpr(256)
 # hyper_table columns
 (HYP_LR, HYP_BETA1, HYP_BETA2, HYP_EPS, HYP_WEIGHT_DECAY, HYP_DECOUPLED, HYP_MAXIMIZE,
  HYP_EPS_PAPER, HYP_BIAS_CORRECTION, HYP_DECAY_SCHEDULE, HYP_INITIAL_LR,
@@ -263,12 +266,36 @@ def _store_value(param_ptr, master_ptr, offsets, mask, value, random16,
 
 
 @triton.jit
+def _load_or_zero(ptr, mask):
+    """Load, with 0 for the lanes ``mask`` leaves out (None: a full tile)."""
+    if mask is None:
+        return tl.load(ptr)
+    else:
+        return tl.load(ptr, mask=mask, other=0)
+
+
+@triton.jit
+def _block_max(x, TILE_SIZE: tl.constexpr):
+    """Per QUANT_BLOCK of the tile: the maximum of ``x``."""
+    return tl.max(tl.reshape(x, (TILE_SIZE // QUANT_BLOCK, QUANT_BLOCK)), axis=1)
+
+
+@triton.jit
+def _per_element(per_block, TILE_SIZE: tl.constexpr):
+    """A value per QUANT_BLOCK, repeated over the block's elements."""
+    return tl.reshape(tl.broadcast_to(tl.expand_dims(per_block, 1),
+                                      (TILE_SIZE // QUANT_BLOCK, QUANT_BLOCK)), (TILE_SIZE,))
+
+
+@triton.jit
 def _adam_block(
     param_ptr, grad_ptr, exp_avg_ptr, exp_avg_sq_ptr, max_exp_avg_sq_ptr, master_ptr, offsets,
     mask, one_minus_beta1, beta2, one_minus_beta2, eps, neg_step_size, bc2_sqrt, param_scale, l2,
     grad_sign, clip, grad_scale, rng_key, rng_stream, rng_start,
+    exp_avg_scale_ptr, exp_avg_sq_scale_ptr, n_valid,
     PARAM_DTYPE: tl.constexpr, STATE_DTYPE: tl.constexpr, AMSGRAD: tl.constexpr,
     HAS_GRAD_SCALE: tl.constexpr, MASTER: tl.constexpr, STOCHASTIC_ROUNDING: tl.constexpr,
+    TILE_SIZE: tl.constexpr,
 ):
     """Update one block of elements; ``mask`` is None for a full block (vectorisable loads).
 
@@ -283,8 +310,21 @@ def _adam_block(
     stored_param = tl.load(param_ptr + offsets, mask=mask)
     param = _load_value(stored_param, master_ptr, offsets, mask, PARAM_DTYPE, MASTER)
     grad = tl.load(grad_ptr + offsets, mask=mask).to(tl.float32)
-    exp_avg = tl.load(exp_avg_ptr + offsets, mask=mask).to(tl.float32)
-    exp_avg_sq = tl.load(exp_avg_sq_ptr + offsets, mask=mask).to(tl.float32)
+    QUANT: tl.constexpr = STATE_DTYPE == tl.int8
+    if QUANT:
+        # codes and their blocks' scales (n_valid: the tile's elements that exist)
+        groups = tl.arange(0, TILE_SIZE // QUANT_BLOCK)
+        group_mask = groups * QUANT_BLOCK < n_valid
+        codes = _load_or_zero(exp_avg_ptr + offsets, mask).to(tl.float32)
+        scale = tl.load(exp_avg_scale_ptr + groups, mask=group_mask, other=0.0)
+        exp_avg = tl.div_rn(codes * tl.abs(codes), 16129.0) * _per_element(scale, TILE_SIZE)
+        codes = _load_or_zero(exp_avg_sq_ptr + offsets, mask).to(tl.float32)
+        scale = tl.load(exp_avg_sq_scale_ptr + groups, mask=group_mask, other=0.0)
+        root = tl.div_rn(codes * codes, 65025.0) * _per_element(scale, TILE_SIZE)
+        exp_avg_sq = root * root
+    else:
+        exp_avg = tl.load(exp_avg_ptr + offsets, mask=mask).to(tl.float32)
+        exp_avg_sq = tl.load(exp_avg_sq_ptr + offsets, mask=mask).to(tl.float32)
 
     # The operation order follows torch's single-tensor Adam, division and square root are the
     # IEEE round-to-nearest ones (Triton's default '/' is approximate on GPUs), and the compiler
@@ -316,8 +356,28 @@ def _adam_block(
 
     _store_value(param_ptr, master_ptr, offsets, mask, param, random16, PARAM_DTYPE, MASTER,
                  STOCHASTIC_ROUNDING)
-    _store_rounded(exp_avg_ptr + offsets, exp_avg, mask, STATE_DTYPE)
-    _store_rounded(exp_avg_sq_ptr + offsets, exp_avg_sq, mask, STATE_DTYPE)
+    if QUANT:
+        if mask is not None:  # lanes past the tensor take no part in their block's scale
+            exp_avg = tl.where(mask, exp_avg, 0.0)
+            exp_avg_sq = tl.where(mask, exp_avg_sq, 0.0)
+        scale = _block_max(tl.abs(exp_avg), TILE_SIZE)
+        per_element = _per_element(scale, TILE_SIZE)
+        u = tl.where(per_element > 0, tl.div_rn(exp_avg, per_element), 0.0)
+        magnitude = tl.floor(tl.sqrt_rn(tl.abs(u)) * 127.0 + 0.5)
+        tl.store(exp_avg_ptr + offsets, tl.where(u < 0, -magnitude, magnitude).to(tl.int8),
+                 mask=mask)
+        tl.store(exp_avg_scale_ptr + groups, scale, mask=group_mask)
+        root = tl.sqrt_rn(exp_avg_sq)
+        scale = _block_max(root, TILE_SIZE)
+        per_element = _per_element(scale, TILE_SIZE)
+        r = tl.where(per_element > 0, tl.div_rn(root, per_element), 0.0)
+        code = tl.floor(tl.sqrt_rn(r) * 255.0 + 0.5)
+        code = tl.where((root > 0) & (code == 0), 1.0, code)  # nonzero never decodes to 0
+        tl.store(exp_avg_sq_ptr + offsets, code.to(tl.uint8), mask=mask)
+        tl.store(exp_avg_sq_scale_ptr + groups, scale, mask=group_mask)
+    else:
+        _store_rounded(exp_avg_ptr + offsets, exp_avg, mask, STATE_DTYPE)
+        _store_rounded(exp_avg_sq_ptr + offsets, exp_avg_sq, mask, STATE_DTYPE)
 
 
 @triton.jit
@@ -356,7 +416,13 @@ def adam_step_kernel(
         param_ptr = tl.load(row + COL_PARAM).to(tl.pointer_type(PARAM_DTYPE))
         grad_ptr = tl.load(grad_table + tensor).to(tl.pointer_type(GRAD_DTYPE))
         exp_avg_ptr = tl.load(row + COL_EXP_AVG).to(tl.pointer_type(STATE_DTYPE))
-        exp_avg_sq_ptr = tl.load(row + COL_EXP_AVG_SQ).to(tl.pointer_type(STATE_DTYPE))
+        if STATE_DTYPE == tl.int8:  # 8-bit states: uint8 codes of the second moment
+            exp_avg_sq_ptr = tl.load(row + COL_EXP_AVG_SQ).to(tl.pointer_type(tl.uint8))
+        else:
+            exp_avg_sq_ptr = tl.load(row + COL_EXP_AVG_SQ).to(tl.pointer_type(STATE_DTYPE))
+        exp_avg_scale_ptr = tl.load(row + COL_EXP_AVG_SCALE).to(tl.pointer_type(tl.float32))
+        exp_avg_sq_scale_ptr = tl.load(row + COL_EXP_AVG_SQ_SCALE).to(
+            tl.pointer_type(tl.float32))
         max_exp_avg_sq_ptr = tl.load(row + COL_MAX_EXP_AVG_SQ).to(tl.pointer_type(STATE_DTYPE))
         master_ptr = tl.load(row + COL_MASTER).to(tl.pointer_type(MASTER_DTYPE))
         numel = tl.load(row + COL_NUMEL)
@@ -413,8 +479,11 @@ def adam_step_kernel(
                             None, one_minus_beta1, beta2, one_minus_beta2, eps, neg_step_size,
                             bc2_sqrt, param_scale, l2, grad_sign, clip, grad_scale,
                             rng_key, rng_stream, rng_start + tile_start,
+                            exp_avg_scale_ptr + (start + tile_start) // QUANT_BLOCK,
+                            exp_avg_sq_scale_ptr + (start + tile_start) // QUANT_BLOCK,
+                            TILE_SIZE,
                             PARAM_DTYPE, STATE_DTYPE, AMSGRAD, HAS_GRAD_SCALE, MASTER,
-                            STOCHASTIC_ROUNDING)
+                            STOCHASTIC_ROUNDING, TILE_SIZE)
             elif remaining > 0:
                 _adam_block(param_ptr + tile_start, grad_ptr + tile_start,
                             exp_avg_ptr + tile_start, exp_avg_sq_ptr + tile_start,
@@ -423,8 +492,11 @@ def adam_step_kernel(
                             one_minus_beta1, beta2, one_minus_beta2, eps, neg_step_size,
                             bc2_sqrt, param_scale, l2, grad_sign, clip, grad_scale,
                             rng_key, rng_stream, rng_start + tile_start,
+                            exp_avg_scale_ptr + (start + tile_start) // QUANT_BLOCK,
+                            exp_avg_sq_scale_ptr + (start + tile_start) // QUANT_BLOCK,
+                            remaining,
                             PARAM_DTYPE, STATE_DTYPE, AMSGRAD, HAS_GRAD_SCALE, MASTER,
-                            STOCHASTIC_ROUNDING)
+                            STOCHASTIC_ROUNDING, TILE_SIZE)
 
 
 def run_or_compile(kernel, grid, warmup, *args, **kwargs):

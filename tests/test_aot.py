@@ -58,9 +58,10 @@ def test_every_specialisation_compiles(reports):
         counts[r["name"]] = counts.get(r["name"], 0) + 1
     # dtype roles: 12 plain (param, grad, state), 8 float32-master, 10 Kahan, 4 remainder,
     # 4 stochastic rounding; each x amsgrad x 3 AMP modes x aligned
-    step = (12 + 8 + 10 + 4 + 4) * 2 * 3 * 2
+    # and 5 int8-moment roles without amsgrad
+    step = (12 + 8 + 10 + 4 + 4) * 2 * 3 * 2 + 5 * 3 * 2
     if COVERAGE:
-        step = 12 * 2 * 3 * 2 + (8 + 10 + 4 + 4) * 2 * 2
+        step = 12 * 2 * 3 * 2 + (8 + 10 + 4 + 4) * 2 * 2 + 5 * 2
     assert counts == {"adam_coefficients_kernel": 4, "adam_step_kernel": step,
                       "grad_norm_partials_kernel": 3 * 3 * 2, "grad_norm_finalize_kernel": 3 * 3,
                       "grad_norm_segments_kernel": 3}

@@ -82,8 +82,11 @@ def init_group(optimizer, group, params, grads, exp_avgs, exp_avg_sqs, max_exp_a
             _validation.check_param(group_index, position, param)
             if param.grad is not None:
                 _validation.check_grad(group_index, position, param, param.grad)
-                _precision.of(each, param,
-                              _validation.describe(group_index, position, param))
+                if _precision.of(each, param,
+                                 _validation.describe(group_index, position, param)).quantized:
+                    raise NotImplementedError(
+                        "triton-adam: torch.compile of step() with state_dtype='int8' is not "
+                        "supported yet; call opt.step() outside the compiled function")
     optimizer._normalize_steps()
     for each in optimizer.param_groups:
         for param in each["params"]:

@@ -14,7 +14,7 @@ import numpy as np
 import torch
 from torch import Tensor
 
-from . import _distributed, _precision, _validation
+from . import _distributed, _precision, _quantize, _validation
 from ._distributed import local
 from ._grad_norm import TritonGradNorm
 from ._tables import (ALIGNMENT, BLOCK_SIZE, NUM_WARPS, build_block_map, on_device,
@@ -237,9 +237,14 @@ class TritonBucket:
                 table[row, K.COL_MAX_EXP_AVG_SQ] = m.flat(s["max_exp_avg_sq"]).data_ptr()
             if extra_key:
                 table[row, K.COL_MASTER] = m.flat(s[extra_key]).data_ptr()
+            if precision.quantized:
+                table[row, K.COL_EXP_AVG_SCALE] = s["exp_avg_scale"].data_ptr()
+                table[row, K.COL_EXP_AVG_SQ_SCALE] = s["exp_avg_sq_scale"].data_ptr()
         columns = [K.COL_PARAM, K.COL_EXP_AVG, K.COL_EXP_AVG_SQ]
         columns += [K.COL_MAX_EXP_AVG_SQ] if amsgrad else []
         columns += [K.COL_MASTER] if extra_key else []
+        # (8-bit codes are 1 byte: 16-byte aligned bases; the float32 scales are read as
+        # one-element accesses and need no promise)
         addresses = table[:n, [int(c) for c in columns]]
         self.nonempty = np.array([m.numel > 0 for m in members], dtype=bool)
         # per member: its own tensors are 16-byte aligned (empty ones take no block anyway)
@@ -366,7 +371,8 @@ class StepPlan:
                                      else int(first_index[gi]) + pi)
                 member.rng_offset, member.rng_shard = _distributed.random_stream(param)
                 _check_state_layout(member, amsgrad)
-                member.keep(("step",) + memory_keys(amsgrad, member.extra_key))
+                member.keep(("step",) + memory_keys(amsgrad, member.extra_key) + (
+                    _validation.QUANT_SCALE_KEYS if precision.quantized else ()))
                 # Hyperparameters and the decoupled/maximize flags are per tensor in the Triton
                 # launch; torch's fused kernels take them per call, hence per group.
                 dtypes = (member.flat_param.dtype, precision.state_dtype, grad.dtype,
@@ -578,6 +584,11 @@ def _kernel_grad(member: Member, grad: Tensor) -> Tensor:
 def _check_state_layout(member: Member, amsgrad: bool) -> None:
     """Give loaded state tensors their param's strides (a value-preserving fix-up)."""
     what = _validation.describe(member.group_index, member.position, member.param)
+    if member.precision.quantized and local(member.state["exp_avg"]).stride() != member.stride \
+            and member.numel > 1:
+        # 8-bit codes are blocked in memory order: a new layout is a new quantisation
+        member.state.update(_quantize.quantized(
+            member.param, **_quantize.dense(member.param, member.state)))
     for key in memory_keys(amsgrad, member.extra_key):
         value = member.state[key]
         _distributed.check_local_layout(what, key, member.param, value)

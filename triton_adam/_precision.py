@@ -25,7 +25,7 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
-from . import _distributed
+from . import _distributed, _quantize
 from ._distributed import local
 
 # extra -> its state key; extra is None, "fp32", "remainder" or "kahan"
@@ -47,6 +47,11 @@ class Precision:
     @property
     def extra_key(self):
         return EXTRA_KEYS.get(self.extra)
+
+    @property
+    def quantized(self) -> bool:
+        """Moments held as blockwise 8-bit codes (state_dtype="int8", see _quantize)."""
+        return self.state_dtype == torch.int8
 
     def extra_dtype(self, param_dtype: torch.dtype):
         return {"fp32": torch.float32, "remainder": torch.int16}.get(self.extra, param_dtype)
@@ -95,6 +100,21 @@ def of(group: dict, param: Tensor, what: str = "a param") -> Precision:
     extra = ("remainder" if master == "compact" else "fp32" if master else
              "kahan" if kahan else None)
     state_dtype = group.get("state_dtype")
+    if state_dtype == "int8":
+        if _distributed.is_dtensor(param):
+            raise NotImplementedError(f"{what}: state_dtype='int8' for DTensor (FSDP2) params "
+                                      "is not built yet")
+        if group.get("amsgrad"):
+            raise ValueError(f"{what}: state_dtype='int8' with amsgrad is not built yet")
+        if extra is not None or stochastic:
+            raise ValueError(f"{what}: state_dtype='int8' with master weights, Kahan "
+                             "summation or stochastic rounding is not built yet")
+        # small tensors (biases, norms) keep float32 moments, decided per param
+        small = param.numel() < group.get("min_quantized_numel", _quantize.MIN_QUANTIZED_NUMEL)
+        state_dtype = torch.float32 if small else torch.int8
+        if dtype not in (torch.float32,) + SIXTEEN_BIT:
+            raise TypeError(f"{what}: state_dtype='int8' applies to float32, bfloat16 and "
+                            f"float16 params, not {dtype}")
     if state_dtype is None:
         # a master's moments are float32 AdamW's; otherwise torch's rule, the param's dtype
         state_dtype = torch.float32 if extra in ("fp32", "remainder") else dtype

@@ -36,7 +36,7 @@ def triton_dtype(dtype: torch.dtype):
     if _TRITON_DTYPES is None:
         import triton.language as tl
         _TRITON_DTYPES = {torch.float32: tl.float32, torch.bfloat16: tl.bfloat16,
-                          torch.float16: tl.float16}
+                          torch.float16: tl.float16, torch.int8: tl.int8}
     return _TRITON_DTYPES[dtype]
 
 

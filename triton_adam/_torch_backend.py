@@ -11,7 +11,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from . import _precision
+from . import _precision, _quantize
 
 
 def _flat(tensor: Tensor) -> Tensor:
@@ -35,6 +35,10 @@ class TorchBucket:
         self.max_exp_avg_sqs = ([m.flat(m.state["max_exp_avg_sq"]) for m in members]
                                 if amsgrad else [])
         self.steps = [m.state["step"] for m in members]
+        # 8-bit moments: their block scales (codes in exp_avgs / exp_avg_sqs)
+        self.quantized = precision_of(members[0]).quantized
+        self.scales = [(m.state["exp_avg_scale"], m.state["exp_avg_sq_scale"]) for m in members
+                       ] if self.quantized else []
         # moments held in another dtype than the params: torch's CPU fused kernel refuses that,
         # so these go through the float32 math, the Triton kernel's arithmetic
         self.mixed_state = any(m.state["exp_avg"].dtype != m.param.dtype for m in members)
@@ -124,10 +128,22 @@ class TorchBucket:
             p = p.mul_(param_scale)
             if l2 != 0.0:
                 g = g.add(p, alpha=l2)
-            m = exp_avg.to(f32, copy=True).lerp_(g, 1 - beta1)
-            v = exp_avg_sq.to(f32, copy=True).mul_(beta2).addcmul_(g, g, value=1 - beta2)
+            if self.quantized:
+                m_scale, v_scale = self.scales[i]
+                moments = _quantize.dense(param, {"exp_avg": exp_avg, "exp_avg_sq": exp_avg_sq,
+                                                  "exp_avg_scale": m_scale,
+                                                  "exp_avg_sq_scale": v_scale})
+                m, v = moments["exp_avg"], moments["exp_avg_sq"]
+            else:
+                m, v = exp_avg.to(f32, copy=True), exp_avg_sq.to(f32, copy=True)
+            m = m.lerp_(g, 1 - beta1)
+            v = v.mul_(beta2).addcmul_(g, g, value=1 - beta2)
             second = v
             new = {exp_avg: m, exp_avg_sq: v}
+            if self.quantized:
+                codes = _quantize.quantized(param, m, v)
+                new = {exp_avg: codes["exp_avg"], exp_avg_sq: codes["exp_avg_sq"],
+                       m_scale: codes["exp_avg_scale"], v_scale: codes["exp_avg_sq_scale"]}
             if self.amsgrad:
                 second = torch.maximum(self.max_exp_avg_sqs[i].to(f32), v)
                 new[self.max_exp_avg_sqs[i]] = second
@@ -168,6 +184,11 @@ class TorchBucket:
             random16 = random16.as_strided(value.shape, value.stride())
             return {param: _precision.stochastic_round(value, random16)}
         return {param: value}
+
+
+def precision_of(member):
+    """A member's Precision (members built outside a plan have none: plain states)."""
+    return member.precision or _precision.Precision(member.dtype)
 
 
 def grad_norm_and_nonfinite(grads, grad_scale, found_inf, device, check_nonfinite=True):

@@ -10,7 +10,10 @@ import sys
 import torch
 from torch import Tensor
 
-from . import _distributed
+from . import _distributed, _quantize
+
+# the float32 per-block scales of 8-bit moments (state_dtype="int8")
+QUANT_SCALE_KEYS = ("exp_avg_scale", "exp_avg_sq_scale")
 
 
 def _as_number(value):
@@ -59,9 +62,10 @@ STATE_DTYPES = (torch.float32, torch.bfloat16)
 
 
 def check_state_dtype(state_dtype) -> None:
-    """Raise ValueError for a state_dtype the kernels cannot hold moments in."""
-    if state_dtype is not None and state_dtype not in STATE_DTYPES:
-        raise ValueError(f"state_dtype must be None (the param's dtype) or one of "
+    """Raise ValueError for a state_dtype the kernels cannot hold moments in ("int8": the
+    blockwise 8-bit codes of _quantize)."""
+    if state_dtype is not None and state_dtype != "int8" and state_dtype not in STATE_DTYPES:
+        raise ValueError(f"state_dtype must be None (the param's dtype), 'int8' or one of "
                          f"{[str(d) for d in STATE_DTYPES]}, got {state_dtype!r}")
 
 
@@ -125,6 +129,15 @@ def check_state(group_index: int, position: int, param: Tensor, state: dict, ams
     what = describe(group_index, position, param)
     keys = ["exp_avg", "exp_avg_sq"] + (["max_exp_avg_sq"] if amsgrad else [])
     expected = dict.fromkeys(keys, precision.state_dtype)
+    if precision.quantized:
+        expected["exp_avg_sq"] = torch.uint8
+        for key in QUANT_SCALE_KEYS:
+            value = state.get(key)
+            blocks = _quantize.n_blocks(_distributed.local(param).numel())
+            if not (isinstance(value, Tensor) and value.dtype == torch.float32
+                    and tuple(value.shape) == (blocks,) and value.device == param.device):
+                raise TypeError(f"{what}: state '{key}' must be {blocks} float32 block scales "
+                                f"on {param.device}, got {value!r:.80}")
     if precision.extra_key:
         keys.append(precision.extra_key)
         expected[precision.extra_key] = precision.extra_dtype(param.dtype)

@@ -39,6 +39,8 @@ def dtype_roles():
                 if dtype == "bf16":
                     yield dtype, grad_dtype, state_dtype, int(adam_step.MASTER_REMAINDER), False
                     yield dtype, grad_dtype, state_dtype, int(adam_step.MASTER_NONE), True
+        for grad_dtype in dict.fromkeys((dtype, "fp32")):  # 8-bit moments (state_dtype="int8")
+            yield dtype, grad_dtype, "int8", int(adam_step.MASTER_NONE), False
 
 
 def step_kernel_specs(coverage: bool = False):
@@ -50,7 +52,10 @@ def step_kernel_specs(coverage: bool = False):
     """
     for (dtype, grad_dtype, state_dtype, master, stochastic), amsgrad, amp, aligned in \
             itertools.product(dtype_roles(), (False, True), AMP_MODES, (True, False)):
-        if coverage and (master or stochastic) and amp != "scale":
+        quantized = state_dtype == "int8"
+        if coverage and (master or stochastic or quantized) and amp != "scale":
+            continue
+        if quantized and amsgrad:  # refused: no 8-bit max_exp_avg_sq yet
             continue
         has_scale, has_inf = AMP_MODES[amp]
         yield dict(PARAM_DTYPE=dtype, GRAD_DTYPE=grad_dtype, STATE_DTYPE=state_dtype,
@@ -98,7 +103,7 @@ def _compile(fn, signature, spec, arch, num_warps):
     from triton.backends.compiler import GPUTarget
     from triton.compiler import ASTSource
 
-    dtypes = {"fp32": tl.float32, "bf16": tl.bfloat16, "fp16": tl.float16}
+    dtypes = {"fp32": tl.float32, "bf16": tl.bfloat16, "fp16": tl.float16, "int8": tl.int8}
     constexprs = {k: dtypes.get(v, v) if isinstance(v, str) else v for k, v in spec.items()}
     full_signature = dict(signature, **{k: "constexpr" for k in spec})
     source = ASTSource(fn=fn, signature=full_signature, constexprs=constexprs)

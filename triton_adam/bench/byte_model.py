@@ -69,6 +69,8 @@ def held_bytes_per_element(
     moments (in ``state_dtype``, default the param's) and an ``extra_dtype`` tensor if any."""
     n_states = 3 if amsgrad else 2  # exp_avg, exp_avg_sq, (max_exp_avg_sq)
     extra = dtype_size(extra_dtype) if extra_dtype is not None else 0
+    if state_dtype == "int8":  # 1-byte codes and a float32 scale per 256-element block
+        return n_states * (1 + 4 / 256) + extra
     return n_states * dtype_size(state_dtype or param_dtype) + extra
 
 

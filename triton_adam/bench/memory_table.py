@@ -27,7 +27,7 @@ class Mode:
     name: str
     param_dtype: torch.dtype
     options: dict
-    state_dtype: torch.dtype
+    state_dtype: object  # a torch.dtype, or "int8"
     extra_dtype: Optional[torch.dtype]  # master / remainder / compensation
     exact: str  # what the mode guarantees about the float32 trajectory
 
@@ -62,6 +62,10 @@ MODES = [
          "param + compensation: about 16 significant bits"),
     Mode("bf16 + stochastic_rounding", BF16, dict(stochastic_rounding=True), BF16, None,
          "unbiased in expectation"),
+    Mode('fp32 params, state_dtype="int8"', FP32, dict(state_dtype="int8"), "int8", None,
+         "blockwise 8-bit moments (params of >= 4096 elements)"),
+    Mode('bf16 params, state_dtype="int8"', BF16, dict(state_dtype="int8"), "int8", None,
+         "blockwise 8-bit moments (params of >= 4096 elements)"),
 ]
 
 # (system, params, what it keeps, held B, moved B, loads a torch checkpoint)
@@ -90,7 +94,7 @@ def markdown() -> str:
     """Both tables as Markdown (ours from the byte model, the peers' documented values)."""
     lines = ["| triton-adam mode | held B/param | moved B/param/step | guarantee |",
              "|---|---:|---:|---|"]
-    lines += [f"| {name} | {held} | {moved} | {exact} |" for name, held, moved, exact in rows()]
+    lines += [f"| {name} | {held:g} | {moved:g} | {exact} |" for name, held, moved, exact in rows()]
     lines += ["", "| peer (documented) | params | keeps | held B/param | moved B/param/step | "
                   "loads a torch checkpoint |", "|---|---|---|---:|---:|---|"]
     lines += [f"| {name} | {params} | {keeps} | {held:g} | {moved:g} | {loads} |"

@@ -120,7 +120,9 @@ def _step_bytes(provider, opt, params, dtype, cfg) -> Optional[int]:
     """The step's bytes (byte model or the optimizer's own state), plus the clip's passes over
     the grads when clipping is on; None when the step's bytes cannot be determined."""
     grad_dtype = params[0].grad.dtype
-    if provider.bytes_source == "state":
+    quantized = "exp_avg_scale" in opt.state.get(params[0], {})
+    if provider.bytes_source == "state" or quantized:
+        # (8-bit moments: codes, block scales, and the small params' float32 moments as held)
         nbytes = byte_model.bytes_from_optimizer_state(opt, params)
     else:
         # The state dtype the optimizer really allocated (fp32 states for bf16 params cost more),
