@@ -6,8 +6,9 @@ count. The host keeps four device tables per bucket (see ``triton_adam/_plan.py`
 * ``tensor_table`` int64 ``[n_tensors, TABLE_WIDTH]``: addresses of param, exp_avg, exp_avg_sq,
   max_exp_avg_sq (0 without amsgrad) and step, then numel, the param-group index, the address of
   the master's extra memory (see MASTER_* below; 0 without) and the stochastic-rounding stream's
-  keys: the tensor's index in the optimizer (low word) and shard (high word), and the global
-  element index of its first element;
+  keys: the tensor's index in the optimizer (low word) and shard (high word), the global
+  element index of its first element, and the addresses of the moments' block scales when
+  they are held as codes (0 otherwise; see moment_codes.py);
 * ``grad_table`` int64 ``[n_tensors]``: grad addresses, kept apart because they change every step
   under ``zero_grad(set_to_none=True)`` while everything else stays put;
 * ``block_map`` int32 ``[n_blocks, 2]``: (tensor index, block index inside that tensor) per program;
@@ -24,14 +25,14 @@ Python-double scalars, into ``coef_table`` float32 ``[n_tensors, COEF_WIDTH]``.
 import triton
 import triton.language as tl
 
+from .moment_codes import QUANT_INT4, QUANT_INT8, QUANT_NONE, load_moment, store_moment
+
 # tensor_table columns
 # (tl.constexpr so that kernels may read them; int() them for torch indexing)
 (COL_PARAM, COL_EXP_AVG, COL_EXP_AVG_SQ, COL_MAX_EXP_AVG_SQ, COL_STEP, COL_NUMEL, COL_GROUP,
- COL_MASTER, COL_RNG_STREAM, COL_RNG_OFFSET, COL_EXP_AVG_SCALE,
- COL_EXP_AVG_SQ_SCALE) = map(tl.constexpr, range(12))
-TABLE_WIDTH = tl.constexpr(12)
-# 8-bit states (STATE_DTYPE int8): elements per float32 scale (see triton_adam/_quantize.py)
-QUANT_BLOCK = tl.constexpr(256)
+ COL_MASTER, COL_RNG_STREAM, COL_RNG_OFFSET, COL_EXP_AVG_SCALE, COL_EXP_AVG_SQ_SCALE,
+ COL_MAX_EXP_AVG_SQ_SCALE) = map(tl.constexpr, range(13))
+TABLE_WIDTH = tl.constexpr(13)
 # hyper_table columns
 (HYP_LR, HYP_BETA1, HYP_BETA2, HYP_EPS, HYP_WEIGHT_DECAY, HYP_DECOUPLED, HYP_MAXIMIZE,
  HYP_EPS_PAPER, HYP_BIAS_CORRECTION, HYP_DECAY_SCHEDULE, HYP_INITIAL_LR,
@@ -266,41 +267,20 @@ def _store_value(param_ptr, master_ptr, offsets, mask, value, random16,
 
 
 @triton.jit
-def _load_or_zero(ptr, mask):
-    """Load, with 0 for the lanes ``mask`` leaves out (None: a full tile)."""
-    if mask is None:
-        return tl.load(ptr)
-    else:
-        return tl.load(ptr, mask=mask, other=0)
-
-
-@triton.jit
-def _block_max(x, TILE_SIZE: tl.constexpr):
-    """Per QUANT_BLOCK of the tile: the maximum of ``x``."""
-    return tl.max(tl.reshape(x, (TILE_SIZE // QUANT_BLOCK, QUANT_BLOCK)), axis=1)
-
-
-@triton.jit
-def _per_element(per_block, TILE_SIZE: tl.constexpr):
-    """A value per QUANT_BLOCK, repeated over the block's elements."""
-    return tl.reshape(tl.broadcast_to(tl.expand_dims(per_block, 1),
-                                      (TILE_SIZE // QUANT_BLOCK, QUANT_BLOCK)), (TILE_SIZE,))
-
-
-@triton.jit
 def _adam_block(
     param_ptr, grad_ptr, exp_avg_ptr, exp_avg_sq_ptr, max_exp_avg_sq_ptr, master_ptr, offsets,
     mask, one_minus_beta1, beta2, one_minus_beta2, eps, neg_step_size, bc2_sqrt, param_scale, l2,
     grad_sign, clip, grad_scale, rng_key, rng_stream, rng_start,
-    exp_avg_scale_ptr, exp_avg_sq_scale_ptr, n_valid,
+    exp_avg_scale_ptr, exp_avg_sq_scale_ptr, max_exp_avg_sq_scale_ptr, n_valid,
     PARAM_DTYPE: tl.constexpr, STATE_DTYPE: tl.constexpr, AMSGRAD: tl.constexpr,
     HAS_GRAD_SCALE: tl.constexpr, MASTER: tl.constexpr, STOCHASTIC_ROUNDING: tl.constexpr,
-    TILE_SIZE: tl.constexpr,
+    QUANT: tl.constexpr, QUANT_BLOCK: tl.constexpr, TILE_SIZE: tl.constexpr,
 ):
     """Update one block of elements; ``mask`` is None for a full block (vectorisable loads).
 
-    The pointers already point at the block's first element, so ``offsets`` are int32 lanes;
-    ``rng_start`` is the global index of that element (for stochastic rounding).
+    The pointers already point at the block's first element (its first code and scale with
+    QUANT), so ``offsets`` are int32 lanes; ``rng_start`` is the global index of that element
+    (for stochastic rounding); ``n_valid`` the tile's elements that exist.
     With a MASTER the update runs on the float32 value it keeps, and the param gets its rounding.
     """
     random16 = 0
@@ -310,21 +290,14 @@ def _adam_block(
     stored_param = tl.load(param_ptr + offsets, mask=mask)
     param = _load_value(stored_param, master_ptr, offsets, mask, PARAM_DTYPE, MASTER)
     grad = tl.load(grad_ptr + offsets, mask=mask).to(tl.float32)
-    QUANT: tl.constexpr = STATE_DTYPE == tl.int8
-    if QUANT:
-        # codes and their blocks' scales (n_valid: the tile's elements that exist)
-        groups = tl.arange(0, TILE_SIZE // QUANT_BLOCK)
-        group_mask = groups * QUANT_BLOCK < n_valid
-        codes = _load_or_zero(exp_avg_ptr + offsets, mask).to(tl.float32)
-        scale = tl.load(exp_avg_scale_ptr + groups, mask=group_mask, other=0.0)
-        exp_avg = tl.div_rn(codes * tl.abs(codes), 16129.0) * _per_element(scale, TILE_SIZE)
-        codes = _load_or_zero(exp_avg_sq_ptr + offsets, mask).to(tl.float32)
-        scale = tl.load(exp_avg_sq_scale_ptr + groups, mask=group_mask, other=0.0)
-        root = tl.div_rn(codes * codes, 65025.0) * _per_element(scale, TILE_SIZE)
-        exp_avg_sq = root * root
-    else:
+    if QUANT == QUANT_NONE:
         exp_avg = tl.load(exp_avg_ptr + offsets, mask=mask).to(tl.float32)
         exp_avg_sq = tl.load(exp_avg_sq_ptr + offsets, mask=mask).to(tl.float32)
+    else:
+        exp_avg = load_moment(exp_avg_ptr, exp_avg_scale_ptr, offsets, mask, n_valid, True,
+                              QUANT, TILE_SIZE, QUANT_BLOCK)
+        exp_avg_sq = load_moment(exp_avg_sq_ptr, exp_avg_sq_scale_ptr, offsets, mask, n_valid,
+                                 False, QUANT, TILE_SIZE, QUANT_BLOCK)
 
     # The operation order follows torch's single-tensor Adam, division and square root are the
     # IEEE round-to-nearest ones (Triton's default '/' is approximate on GPUs), and the compiler
@@ -346,9 +319,16 @@ def _adam_block(
     exp_avg_sq = exp_avg_sq * beta2
     exp_avg_sq = tl.fma(one_minus_beta2 * grad, grad, exp_avg_sq)
     if AMSGRAD:
-        max_exp_avg_sq = tl.load(max_exp_avg_sq_ptr + offsets, mask=mask).to(tl.float32)
-        max_exp_avg_sq = tl.maximum(max_exp_avg_sq, exp_avg_sq)
-        _store_rounded(max_exp_avg_sq_ptr + offsets, max_exp_avg_sq, mask, STATE_DTYPE)
+        if QUANT == QUANT_NONE:
+            max_exp_avg_sq = tl.load(max_exp_avg_sq_ptr + offsets, mask=mask).to(tl.float32)
+            max_exp_avg_sq = tl.maximum(max_exp_avg_sq, exp_avg_sq)
+            _store_rounded(max_exp_avg_sq_ptr + offsets, max_exp_avg_sq, mask, STATE_DTYPE)
+        else:
+            max_exp_avg_sq = load_moment(max_exp_avg_sq_ptr, max_exp_avg_sq_scale_ptr, offsets,
+                                         mask, n_valid, False, QUANT, TILE_SIZE, QUANT_BLOCK)
+            max_exp_avg_sq = tl.maximum(max_exp_avg_sq, exp_avg_sq)
+            store_moment(max_exp_avg_sq_ptr, max_exp_avg_sq_scale_ptr, max_exp_avg_sq, offsets,
+                         mask, n_valid, False, QUANT, TILE_SIZE, QUANT_BLOCK)
         denom = tl.div_rn(tl.sqrt_rn(max_exp_avg_sq), bc2_sqrt) + eps
     else:
         denom = tl.div_rn(tl.sqrt_rn(exp_avg_sq), bc2_sqrt) + eps
@@ -356,28 +336,52 @@ def _adam_block(
 
     _store_value(param_ptr, master_ptr, offsets, mask, param, random16, PARAM_DTYPE, MASTER,
                  STOCHASTIC_ROUNDING)
-    if QUANT:
-        if mask is not None:  # lanes past the tensor take no part in their block's scale
-            exp_avg = tl.where(mask, exp_avg, 0.0)
-            exp_avg_sq = tl.where(mask, exp_avg_sq, 0.0)
-        scale = _block_max(tl.abs(exp_avg), TILE_SIZE)
-        per_element = _per_element(scale, TILE_SIZE)
-        u = tl.where(per_element > 0, tl.div_rn(exp_avg, per_element), 0.0)
-        magnitude = tl.floor(tl.sqrt_rn(tl.abs(u)) * 127.0 + 0.5)
-        tl.store(exp_avg_ptr + offsets, tl.where(u < 0, -magnitude, magnitude).to(tl.int8),
-                 mask=mask)
-        tl.store(exp_avg_scale_ptr + groups, scale, mask=group_mask)
-        root = tl.sqrt_rn(exp_avg_sq)
-        scale = _block_max(root, TILE_SIZE)
-        per_element = _per_element(scale, TILE_SIZE)
-        r = tl.where(per_element > 0, tl.div_rn(root, per_element), 0.0)
-        code = tl.floor(tl.sqrt_rn(r) * 255.0 + 0.5)
-        code = tl.where((root > 0) & (code == 0), 1.0, code)  # nonzero never decodes to 0
-        tl.store(exp_avg_sq_ptr + offsets, code.to(tl.uint8), mask=mask)
-        tl.store(exp_avg_sq_scale_ptr + groups, scale, mask=group_mask)
-    else:
+    if QUANT == QUANT_NONE:
         _store_rounded(exp_avg_ptr + offsets, exp_avg, mask, STATE_DTYPE)
         _store_rounded(exp_avg_sq_ptr + offsets, exp_avg_sq, mask, STATE_DTYPE)
+    else:
+        store_moment(exp_avg_ptr, exp_avg_scale_ptr, exp_avg, offsets, mask, n_valid, True,
+                     QUANT, TILE_SIZE, QUANT_BLOCK)
+        store_moment(exp_avg_sq_ptr, exp_avg_sq_scale_ptr, exp_avg_sq, offsets, mask, n_valid,
+                     False, QUANT, TILE_SIZE, QUANT_BLOCK)
+
+
+@triton.jit
+def _adam_tile(
+    param_ptr, grad_ptr, exp_avg_ptr, exp_avg_sq_ptr, max_exp_avg_sq_ptr, master_ptr,
+    one_minus_beta1, beta2, one_minus_beta2, eps, neg_step_size, bc2_sqrt, param_scale, l2,
+    grad_sign, clip, grad_scale, rng_key, rng_stream, rng_start,
+    exp_avg_scale_ptr, exp_avg_sq_scale_ptr, max_exp_avg_sq_scale_ptr, remaining,
+    PARAM_DTYPE: tl.constexpr, STATE_DTYPE: tl.constexpr, AMSGRAD: tl.constexpr,
+    HAS_GRAD_SCALE: tl.constexpr, MASTER: tl.constexpr, STOCHASTIC_ROUNDING: tl.constexpr,
+    QUANT: tl.constexpr, QUANT_BLOCK: tl.constexpr, TILE_SIZE: tl.constexpr,
+):
+    """One tile of ``remaining`` (may be <= 0) elements: unmasked when it is whole."""
+    lanes = tl.arange(0, TILE_SIZE)
+    if remaining >= TILE_SIZE:
+        _adam_block(param_ptr, grad_ptr, exp_avg_ptr, exp_avg_sq_ptr, max_exp_avg_sq_ptr,
+                    master_ptr, lanes, None, one_minus_beta1, beta2, one_minus_beta2, eps,
+                    neg_step_size, bc2_sqrt, param_scale, l2, grad_sign, clip, grad_scale,
+                    rng_key, rng_stream, rng_start, exp_avg_scale_ptr, exp_avg_sq_scale_ptr,
+                    max_exp_avg_sq_scale_ptr, TILE_SIZE, PARAM_DTYPE, STATE_DTYPE, AMSGRAD,
+                    HAS_GRAD_SCALE, MASTER, STOCHASTIC_ROUNDING, QUANT, QUANT_BLOCK, TILE_SIZE)
+    elif remaining > 0:
+        _adam_block(param_ptr, grad_ptr, exp_avg_ptr, exp_avg_sq_ptr, max_exp_avg_sq_ptr,
+                    master_ptr, lanes, lanes < remaining.to(tl.int32), one_minus_beta1, beta2,
+                    one_minus_beta2, eps, neg_step_size, bc2_sqrt, param_scale, l2, grad_sign,
+                    clip, grad_scale, rng_key, rng_stream, rng_start, exp_avg_scale_ptr,
+                    exp_avg_sq_scale_ptr, max_exp_avg_sq_scale_ptr, remaining, PARAM_DTYPE,
+                    STATE_DTYPE, AMSGRAD, HAS_GRAD_SCALE, MASTER, STOCHASTIC_ROUNDING, QUANT,
+                    QUANT_BLOCK, TILE_SIZE)
+
+
+@triton.jit
+def _code_index(elements, QUANT: tl.constexpr):
+    """Where an element's code lies in its codes tensor (int4: two codes a byte)."""
+    if QUANT == QUANT_INT4:
+        return elements // 2
+    else:
+        return elements
 
 
 @triton.jit
@@ -387,6 +391,7 @@ def adam_step_kernel(
     AMSGRAD: tl.constexpr, HAS_GRAD_SCALE: tl.constexpr, HAS_FOUND_INF: tl.constexpr,
     ALIGNED: tl.constexpr, BLOCK_SIZE: tl.constexpr, TILE_SIZE: tl.constexpr,
     MASTER: tl.constexpr = MASTER_NONE, STOCHASTIC_ROUNDING: tl.constexpr = False,
+    QUANT: tl.constexpr = QUANT_NONE, QUANT_BLOCK: tl.constexpr = 256,
 ):
     """Adam/AdamW on BLOCK_SIZE elements of one tensor per program, in place.
 
@@ -395,6 +400,9 @@ def adam_step_kernel(
     14 B for bfloat16 params and states. The grad is not written back. MASTER reads and writes
     the master's extra memory: +8 B (MASTER_FP32), +4 B (MASTER_REMAINDER, MASTER_KAHAN).
     STOCHASTIC_ROUNDING (bfloat16 params) rounds the param stochastically; no extra bytes.
+    QUANT (see moment_codes.py): the tensors whose table row has scales hold each moment as
+    codes, read and written as 2 B (int8, fp8) or 1 B (int4) per element and 8 B per
+    QUANT_BLOCK; the others (too small to quantise) have STATE_DTYPE moments.
     ALIGNED promises that every address in the bucket is 16-byte aligned, so full blocks load
     and store 16 bytes per instruction.
     """
@@ -404,6 +412,10 @@ def adam_step_kernel(
         MASTER_DTYPE: tl.constexpr = tl.int16
     else:
         MASTER_DTYPE: tl.constexpr = PARAM_DTYPE
+    if QUANT == QUANT_INT8:  # int8 codes of exp_avg; bytes of the rest
+        SIGNED_CODE_DTYPE: tl.constexpr = tl.int8
+    else:
+        SIGNED_CODE_DTYPE: tl.constexpr = tl.uint8
     pid = tl.program_id(0).to(tl.int64)
     tensor = tl.load(block_map + pid * 2).to(tl.int64)
     block = tl.load(block_map + pid * 2 + 1).to(tl.int64)
@@ -415,15 +427,9 @@ def adam_step_kernel(
         row = tensor_table + tensor * TABLE_WIDTH
         param_ptr = tl.load(row + COL_PARAM).to(tl.pointer_type(PARAM_DTYPE))
         grad_ptr = tl.load(grad_table + tensor).to(tl.pointer_type(GRAD_DTYPE))
-        exp_avg_ptr = tl.load(row + COL_EXP_AVG).to(tl.pointer_type(STATE_DTYPE))
-        if STATE_DTYPE == tl.int8:  # 8-bit states: uint8 codes of the second moment
-            exp_avg_sq_ptr = tl.load(row + COL_EXP_AVG_SQ).to(tl.pointer_type(tl.uint8))
-        else:
-            exp_avg_sq_ptr = tl.load(row + COL_EXP_AVG_SQ).to(tl.pointer_type(STATE_DTYPE))
-        exp_avg_scale_ptr = tl.load(row + COL_EXP_AVG_SCALE).to(tl.pointer_type(tl.float32))
-        exp_avg_sq_scale_ptr = tl.load(row + COL_EXP_AVG_SQ_SCALE).to(
-            tl.pointer_type(tl.float32))
-        max_exp_avg_sq_ptr = tl.load(row + COL_MAX_EXP_AVG_SQ).to(tl.pointer_type(STATE_DTYPE))
+        exp_avg_address = tl.load(row + COL_EXP_AVG)
+        exp_avg_sq_address = tl.load(row + COL_EXP_AVG_SQ)
+        max_exp_avg_sq_address = tl.load(row + COL_MAX_EXP_AVG_SQ)
         master_ptr = tl.load(row + COL_MASTER).to(tl.pointer_type(MASTER_DTYPE))
         numel = tl.load(row + COL_NUMEL)
 
@@ -456,10 +462,10 @@ def adam_step_kernel(
             rng_start = start + tl.load(row + COL_RNG_OFFSET)
         param_ptr += start
         grad_ptr += start
-        exp_avg_ptr += start
-        exp_avg_sq_ptr += start
-        max_exp_avg_sq_ptr += start
         master_ptr += start
+        exp_avg_ptr = exp_avg_address.to(tl.pointer_type(STATE_DTYPE)) + start
+        exp_avg_sq_ptr = exp_avg_sq_address.to(tl.pointer_type(STATE_DTYPE)) + start
+        max_exp_avg_sq_ptr = max_exp_avg_sq_address.to(tl.pointer_type(STATE_DTYPE)) + start
         if ALIGNED:
             param_ptr = tl.multiple_of(param_ptr, 16)
             grad_ptr = tl.multiple_of(grad_ptr, 16)
@@ -467,36 +473,60 @@ def adam_step_kernel(
             exp_avg_sq_ptr = tl.multiple_of(exp_avg_sq_ptr, 16)
             max_exp_avg_sq_ptr = tl.multiple_of(max_exp_avg_sq_ptr, 16)
             master_ptr = tl.multiple_of(master_ptr, 16)
+        if QUANT != QUANT_NONE:
+            # a tensor's codes come with scales; one without (too small to quantise) has
+            # STATE_DTYPE moments and takes the dense path in the same launch
+            exp_avg_scale_address = tl.load(row + COL_EXP_AVG_SCALE)
+            quantized = exp_avg_scale_address != 0
+            exp_avg_scale_ptr = exp_avg_scale_address.to(tl.pointer_type(tl.float32))
+            exp_avg_scale_ptr += start // QUANT_BLOCK
+            exp_avg_sq_scale_ptr = tl.load(row + COL_EXP_AVG_SQ_SCALE).to(
+                tl.pointer_type(tl.float32)) + start // QUANT_BLOCK
+            max_exp_avg_sq_scale_ptr = tl.load(row + COL_MAX_EXP_AVG_SQ_SCALE).to(
+                tl.pointer_type(tl.float32)) + start // QUANT_BLOCK
+            code_start = _code_index(start, QUANT)
+            exp_avg_codes = exp_avg_address.to(tl.pointer_type(SIGNED_CODE_DTYPE)) + code_start
+            exp_avg_sq_codes = exp_avg_sq_address.to(tl.pointer_type(tl.uint8)) + code_start
+            max_exp_avg_sq_codes = max_exp_avg_sq_address.to(
+                tl.pointer_type(tl.uint8)) + code_start
+            if ALIGNED:
+                exp_avg_codes = tl.multiple_of(exp_avg_codes, 16)
+                exp_avg_sq_codes = tl.multiple_of(exp_avg_sq_codes, 16)
+                max_exp_avg_sq_codes = tl.multiple_of(max_exp_avg_sq_codes, 16)
+        else:
+            exp_avg_scale_ptr = coef_table  # never read
+            exp_avg_sq_scale_ptr = coef_table
+            max_exp_avg_sq_scale_ptr = coef_table
         # A program walks its block in tiles: one tile when aligned (16-byte accesses need few
         # registers), smaller tiles otherwise so that scalar accesses do not spill.
-        lanes = tl.arange(0, TILE_SIZE)
         for tile_start in range(0, BLOCK_SIZE, TILE_SIZE):
             remaining = numel - start - tile_start
-            if remaining >= TILE_SIZE:
-                _adam_block(param_ptr + tile_start, grad_ptr + tile_start,
-                            exp_avg_ptr + tile_start, exp_avg_sq_ptr + tile_start,
-                            max_exp_avg_sq_ptr + tile_start, master_ptr + tile_start, lanes,
-                            None, one_minus_beta1, beta2, one_minus_beta2, eps, neg_step_size,
-                            bc2_sqrt, param_scale, l2, grad_sign, clip, grad_scale,
-                            rng_key, rng_stream, rng_start + tile_start,
-                            exp_avg_scale_ptr + (start + tile_start) // QUANT_BLOCK,
-                            exp_avg_sq_scale_ptr + (start + tile_start) // QUANT_BLOCK,
-                            TILE_SIZE,
-                            PARAM_DTYPE, STATE_DTYPE, AMSGRAD, HAS_GRAD_SCALE, MASTER,
-                            STOCHASTIC_ROUNDING, TILE_SIZE)
-            elif remaining > 0:
-                _adam_block(param_ptr + tile_start, grad_ptr + tile_start,
-                            exp_avg_ptr + tile_start, exp_avg_sq_ptr + tile_start,
-                            max_exp_avg_sq_ptr + tile_start, master_ptr + tile_start, lanes,
-                            lanes < remaining.to(tl.int32),
-                            one_minus_beta1, beta2, one_minus_beta2, eps, neg_step_size,
-                            bc2_sqrt, param_scale, l2, grad_sign, clip, grad_scale,
-                            rng_key, rng_stream, rng_start + tile_start,
-                            exp_avg_scale_ptr + (start + tile_start) // QUANT_BLOCK,
-                            exp_avg_sq_scale_ptr + (start + tile_start) // QUANT_BLOCK,
-                            remaining,
-                            PARAM_DTYPE, STATE_DTYPE, AMSGRAD, HAS_GRAD_SCALE, MASTER,
-                            STOCHASTIC_ROUNDING, TILE_SIZE)
+            dense_tile = True
+            if QUANT != QUANT_NONE:
+                if quantized:
+                    dense_tile = False
+                    code_tile = _code_index(tile_start, QUANT)
+                    scale_tile = tile_start // QUANT_BLOCK
+                    _adam_tile(param_ptr + tile_start, grad_ptr + tile_start,
+                               exp_avg_codes + code_tile, exp_avg_sq_codes + code_tile,
+                               max_exp_avg_sq_codes + code_tile, master_ptr + tile_start,
+                               one_minus_beta1, beta2, one_minus_beta2, eps, neg_step_size,
+                               bc2_sqrt, param_scale, l2, grad_sign, clip, grad_scale,
+                               rng_key, rng_stream, rng_start + tile_start,
+                               exp_avg_scale_ptr + scale_tile, exp_avg_sq_scale_ptr + scale_tile,
+                               max_exp_avg_sq_scale_ptr + scale_tile, remaining,
+                               PARAM_DTYPE, STATE_DTYPE, AMSGRAD, HAS_GRAD_SCALE, MASTER,
+                               STOCHASTIC_ROUNDING, QUANT, QUANT_BLOCK, TILE_SIZE)
+            if dense_tile:
+                _adam_tile(param_ptr + tile_start, grad_ptr + tile_start,
+                           exp_avg_ptr + tile_start, exp_avg_sq_ptr + tile_start,
+                           max_exp_avg_sq_ptr + tile_start, master_ptr + tile_start,
+                           one_minus_beta1, beta2, one_minus_beta2, eps, neg_step_size,
+                           bc2_sqrt, param_scale, l2, grad_sign, clip, grad_scale,
+                           rng_key, rng_stream, rng_start + tile_start,
+                           exp_avg_scale_ptr, exp_avg_sq_scale_ptr, max_exp_avg_sq_scale_ptr,
+                           remaining, PARAM_DTYPE, STATE_DTYPE, AMSGRAD, HAS_GRAD_SCALE, MASTER,
+                           STOCHASTIC_ROUNDING, QUANT_NONE, QUANT_BLOCK, TILE_SIZE)
 
 
 def run_or_compile(kernel, grid, warmup, *args, **kwargs):
@@ -539,7 +569,8 @@ def launch_adam_step(tensor_table, grad_table, block_map, coef_table, grad_scale
     """Launch ``adam_step_kernel`` over ``n_blocks`` programs (with ``warmup``, compile only).
 
     ``spec`` maps the constexpr names PARAM_DTYPE, GRAD_DTYPE, STATE_DTYPE (triton dtypes),
-    AMSGRAD, ALIGNED, STOCHASTIC_ROUNDING (bools) and MASTER (a MASTER_* value);
+    AMSGRAD, ALIGNED, STOCHASTIC_ROUNDING (bools), MASTER (a MASTER_* value), QUANT (a
+    moment_codes.QUANT_* value) and QUANT_BLOCK (elements per scale);
     ``grad_scale`` and ``found_inf`` are float32 device tensors or None.
     """
     if n_blocks == 0:

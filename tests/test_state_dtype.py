@@ -128,7 +128,7 @@ def test_skipped_step_keeps_low_precision_moments(device, backend):
             assert torch.equal(opt.state[p][key], value), key
 
 
-@pytest.mark.parametrize("bad", ["int4", torch.int8, torch.float64, torch.float16, "bfloat16"])
+@pytest.mark.parametrize("bad", ["int2", torch.int8, torch.float64, torch.float16, "bfloat16"])
 def test_unknown_state_dtype_is_refused(bad):
     p = torch.nn.Parameter(torch.ones(3))
     with pytest.raises(ValueError, match="state_dtype"):

@@ -22,6 +22,7 @@ from ._tables import (ALIGNMENT, BLOCK_SIZE, NUM_WARPS, build_block_map, on_devi
 from ._torch_backend import TorchBucket, grad_norm_and_nonfinite, segment_totals
 from ._warmup import compile_plan
 from .kernels import adam_step as K
+from .kernels.moment_codes import QUANT_FP8, QUANT_INT4, QUANT_INT8, QUANT_NONE
 
 TRITON_PARAM_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 
@@ -215,8 +216,9 @@ class TritonBucket:
         self.index = [(m.group_index, m.position) for m in members]
         n = len(members)
         dtype = members[0].flat_param.dtype
-        state_dtype = members[0].flat(members[0].state["exp_avg"]).dtype
-        precision = members[0].precision
+        precision = members[0].precision  # the bucket's (small members: dense moments)
+        state_dtype = precision.dense_dtype  # as the kernels read it: real for complex
+        state_dtype = state_dtype.to_real() if state_dtype.is_complex else state_dtype
         extra_key = members[0].extra_key
         table = np.zeros((max(n, 1), int(K.TABLE_WIDTH)), dtype=np.int64)
         for row, m in enumerate(members):
@@ -237,14 +239,14 @@ class TritonBucket:
                 table[row, K.COL_MAX_EXP_AVG_SQ] = m.flat(s["max_exp_avg_sq"]).data_ptr()
             if extra_key:
                 table[row, K.COL_MASTER] = m.flat(s[extra_key]).data_ptr()
-            if precision.quantized:
-                table[row, K.COL_EXP_AVG_SCALE] = s["exp_avg_scale"].data_ptr()
-                table[row, K.COL_EXP_AVG_SQ_SCALE] = s["exp_avg_sq_scale"].data_ptr()
+            if m.precision.quantized:  # codes: their scales' addresses mark them
+                for column, key in zip(QUANT_SCALE_COLUMNS, state_key_names(amsgrad)):
+                    table[row, column] = s[_quantize.scale_key(key)].data_ptr()
         columns = [K.COL_PARAM, K.COL_EXP_AVG, K.COL_EXP_AVG_SQ]
         columns += [K.COL_MAX_EXP_AVG_SQ] if amsgrad else []
         columns += [K.COL_MASTER] if extra_key else []
-        # (8-bit codes are 1 byte: 16-byte aligned bases; the float32 scales are read as
-        # one-element accesses and need no promise)
+        # (codes: 16-byte aligned bases; the float32 scales are read as one-element accesses
+        # and need no promise)
         addresses = table[:n, [int(c) for c in columns]]
         self.nonempty = np.array([m.numel > 0 for m in members], dtype=bool)
         # per member: its own tensors are 16-byte aligned (empty ones take no block anyway)
@@ -263,12 +265,15 @@ class TritonBucket:
         self.grad_table = torch.zeros(max(n, 1), dtype=torch.int64, device=device)
         self.grad_ptrs = None
         self._keep_alive = []
+        self.unit_and_zero = None  # see step_amp_arguments
         self.spec = dict(
             PARAM_DTYPE=triton_dtype(dtype),
             GRAD_DTYPE=triton_dtype(members[0].flat_grad_dtype),
             STATE_DTYPE=triton_dtype(state_dtype), AMSGRAD=amsgrad,
             MASTER=KERNEL_MASTER_MODES[precision.extra],
             STOCHASTIC_ROUNDING=precision.stochastic,
+            QUANT=KERNEL_QUANT_MODES[precision.codes],
+            QUANT_BLOCK=_quantize.FORMATS[precision.codes].block if precision.codes else 256,
         )
 
     def prepare(self, grads) -> None:
@@ -311,6 +316,22 @@ class TritonBucket:
         """Which member each program updates, over the ranges in launch order."""
         return np.concatenate([r.block_tensor for r in self.ranges] + [np.zeros(0, np.int32)])
 
+    def tile_size(self, aligned: bool) -> int:
+        return step_tile_size(aligned, self.spec["MASTER"], self.spec["QUANT"])
+
+    def step_amp_arguments(self, grad_scale, found_inf):
+        """The step kernel's (grad_scale, found_inf). A quantised bucket's kernel always takes
+        both (1 and 0 when absent): one specialisation instead of three, each as large as the
+        codes make it, for a scalar load and an exact division by 1."""
+        if not self.spec["QUANT"]:
+            return grad_scale, found_inf
+        if self.unit_and_zero is None:
+            self.unit_and_zero = (torch.ones((), dtype=torch.float32, device=self.device),
+                                  torch.zeros((), dtype=torch.float32, device=self.device))
+        unit, zero = self.unit_and_zero
+        return (unit if grad_scale is None else grad_scale,
+                zero if found_inf is None else found_inf)
+
     def launch(self, hyper_table, grad_scale, found_inf, grad_norm):
         with on_device(self.device):
             K.launch_adam_coefficients(self.tensor_table, hyper_table, self.coef_table,
@@ -318,8 +339,9 @@ class TritonBucket:
             for r in self.ranges:
                 K.launch_adam_step(
                     self.tensor_table, self.grad_table, r.block_map, self.coef_table,
-                    grad_scale, found_inf, r.n_blocks, dict(self.spec, ALIGNED=r.aligned),
-                    BLOCK_SIZE, step_tile_size(r.aligned, self.spec["MASTER"]), NUM_WARPS)
+                    *self.step_amp_arguments(grad_scale, found_inf), r.n_blocks,
+                    dict(self.spec, ALIGNED=r.aligned), BLOCK_SIZE, self.tile_size(r.aligned),
+                    NUM_WARPS)
 
 
 def state_key_names(amsgrad: bool):
@@ -335,6 +357,10 @@ def memory_keys(amsgrad: bool, extra_key=None):
 # a param's extra state (see _precision) -> the step kernel's MASTER constexpr
 KERNEL_MASTER_MODES = {None: int(K.MASTER_NONE), "fp32": int(K.MASTER_FP32),
                        "remainder": int(K.MASTER_REMAINDER), "kahan": int(K.MASTER_KAHAN)}
+# a group's code format (see _quantize) -> the step kernel's QUANT constexpr
+KERNEL_QUANT_MODES = {None: int(QUANT_NONE), "int8": int(QUANT_INT8), "int4": int(QUANT_INT4),
+                      "fp8": int(QUANT_FP8)}
+QUANT_SCALE_COLUMNS = (K.COL_EXP_AVG_SCALE, K.COL_EXP_AVG_SQ_SCALE, K.COL_MAX_EXP_AVG_SQ_SCALE)
 
 
 class StepPlan:
@@ -372,11 +398,13 @@ class StepPlan:
                 member.rng_offset, member.rng_shard = _distributed.random_stream(param)
                 _check_state_layout(member, amsgrad)
                 member.keep(("step",) + memory_keys(amsgrad, member.extra_key) + (
-                    _validation.QUANT_SCALE_KEYS if precision.quantized else ()))
+                    tuple(map(_quantize.scale_key, state_key_names(amsgrad)))
+                    if precision.quantized else ()))
                 # Hyperparameters and the decoupled/maximize flags are per tensor in the Triton
                 # launch; torch's fused kernels take them per call, hence per group.
-                dtypes = (member.flat_param.dtype, precision.state_dtype, grad.dtype,
-                          precision.extra, precision.stochastic)
+                # (a quantised group's small params, with dense moments, join its launch)
+                dtypes = (member.flat_param.dtype, precision.dense_dtype, grad.dtype,
+                          precision.extra, precision.stochastic, precision.codes)
                 key = (backend, param.device, dtypes, amsgrad)
                 if backend == "torch":
                     key = key + (gi, decoupled, maximize)
@@ -584,12 +612,17 @@ def _kernel_grad(member: Member, grad: Tensor) -> Tensor:
 def _check_state_layout(member: Member, amsgrad: bool) -> None:
     """Give loaded state tensors their param's strides (a value-preserving fix-up)."""
     what = _validation.describe(member.group_index, member.position, member.param)
-    if member.precision.quantized and local(member.state["exp_avg"]).stride() != member.stride \
-            and member.numel > 1:
-        # 8-bit codes are blocked in memory order: a new layout is a new quantisation
-        member.state.update(_quantize.quantized(
-            member.param, **_quantize.dense(member.param, member.state)))
-    for key in memory_keys(amsgrad, member.extra_key):
+    keys = memory_keys(amsgrad, member.extra_key)
+    fmt = member.precision.format
+    if fmt is not None:
+        # codes are blocked in memory order: a new layout is a new quantisation (packed int4
+        # codes are flat, in the param's memory order whatever its strides)
+        keys = (member.extra_key,) if member.extra_key else ()
+        if not fmt.packed and local(member.state["exp_avg"]).stride() != member.stride \
+                and member.numel > 1:
+            member.state.update(_quantize.quantized(
+                member.param, **_quantize.dense(member.param, member.state), fmt=fmt))
+    for key in keys:
         value = member.state[key]
         _distributed.check_local_layout(what, key, member.param, value)
         if local(value).stride() != member.stride and member.numel > 1:

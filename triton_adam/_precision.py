@@ -38,11 +38,14 @@ SEED_LIMIT = 2**32
 
 @dataclass(frozen=True)
 class Precision:
-    """How one param is stepped: its moments' dtype, the extra state holding its float32 value
-    (None, "fp32", "remainder" or "kahan"), and whether its rounding is stochastic."""
+    """How one param is stepped: its moments' dtype (for quantised moments, the dtype of
+    ``exp_avg``'s codes), the extra state holding its float32 value (None, "fp32", "remainder"
+    or "kahan"), whether its rounding is stochastic, and its group's code format ("int8",
+    "int4", "fp8" or None: the launch it joins, also for params too small to quantise)."""
     state_dtype: torch.dtype
     extra: str | None = None
     stochastic: bool = False
+    codes: str | None = None
 
     @property
     def extra_key(self):
@@ -50,8 +53,18 @@ class Precision:
 
     @property
     def quantized(self) -> bool:
-        """Moments held as blockwise 8-bit codes (state_dtype="int8", see _quantize)."""
-        return self.state_dtype == torch.int8
+        """This param's moments are held as blockwise codes (see _quantize)."""
+        return self.codes is not None and self.state_dtype in _quantize.CODE_DTYPES
+
+    @property
+    def format(self):
+        """The _quantize.Format of this param's codes (None: dense moments)."""
+        return _quantize.FORMATS[self.codes] if self.quantized else None
+
+    @property
+    def dense_dtype(self) -> torch.dtype:
+        """The dtype of the moments as dense tensors (float32 for quantised ones)."""
+        return torch.float32 if self.quantized else self.state_dtype
 
     def extra_dtype(self, param_dtype: torch.dtype):
         return {"fp32": torch.float32, "remainder": torch.int16}.get(self.extra, param_dtype)
@@ -100,28 +113,26 @@ def of(group: dict, param: Tensor, what: str = "a param") -> Precision:
     extra = ("remainder" if master == "compact" else "fp32" if master else
              "kahan" if kahan else None)
     state_dtype = group.get("state_dtype")
-    if state_dtype == "int8":
-        if _distributed.is_dtensor(param):
-            raise NotImplementedError(f"{what}: state_dtype='int8' for DTensor (FSDP2) params "
-                                      "is not built yet")
-        if group.get("amsgrad"):
-            raise ValueError(f"{what}: state_dtype='int8' with amsgrad is not built yet")
-        if extra is not None or stochastic:
-            raise ValueError(f"{what}: state_dtype='int8' with master weights, Kahan "
-                             "summation or stochastic rounding is not built yet")
-        # small tensors (biases, norms) keep float32 moments, decided per param
-        small = param.numel() < group.get("min_quantized_numel", _quantize.MIN_QUANTIZED_NUMEL)
-        state_dtype = torch.float32 if small else torch.int8
+    codes = None
+    if state_dtype in _quantize.FORMATS:
+        codes = state_dtype
         if dtype not in (torch.float32,) + SIXTEEN_BIT:
-            raise TypeError(f"{what}: state_dtype='int8' applies to float32, bfloat16 and "
+            raise TypeError(f"{what}: state_dtype={codes!r} applies to float32, bfloat16 and "
                             f"float16 params, not {dtype}")
+        # small tensors (biases, norms) keep float32 moments, decided per param (a DTensor's
+        # numel is the whole param's, never a shard's)
+        small = param.numel() < group.get("min_quantized_numel", _quantize.MIN_QUANTIZED_NUMEL)
+        state_dtype = torch.float32 if small else _quantize.FORMATS[codes].signed_dtype
+        if not small and _distributed.is_dtensor(param):
+            raise NotImplementedError(f"{what}: state_dtype={codes!r} for DTensor (FSDP2) "
+                                      "params is not built yet")
     if state_dtype is None:
         # a master's moments are float32 AdamW's; otherwise torch's rule, the param's dtype
         state_dtype = torch.float32 if extra in ("fp32", "remainder") else dtype
     elif dtype not in (torch.float32,) + SIXTEEN_BIT:
         raise TypeError(f"{what}: state_dtype={state_dtype} applies to float32, bfloat16 and "
                         f"float16 params, not {dtype}")
-    return Precision(state_dtype, extra, stochastic)
+    return Precision(state_dtype, extra, stochastic, codes)
 
 
 # --- the float32 value and its forms (torch ops on local shards; the kernels' rules) ---

@@ -1,37 +1,92 @@
-"""Blockwise 8-bit optimizer states: the codes, in torch ops (the kernels compute the same).
+"""Blockwise quantised optimizer states: the codes, in torch ops (the kernels compute the same).
 
-``exp_avg`` is held as int8 codes and ``exp_avg_sq`` as uint8 codes, each with one float32 scale
-per block of ``QUANT_BLOCK`` consecutive elements (the block's absolute maximum):
+``state_dtype="int8"``, ``"int4"`` or ``"fp8"`` holds each moment (``exp_avg``, ``exp_avg_sq``
+and amsgrad's ``max_exp_avg_sq``) as codes with one float32 scale per block of consecutive
+elements in memory order (the block's absolute maximum, under the key ``<moment>_scale``). The
+signed first moment and the non-negative second moments take different maps:
 
-* exp_avg: u = m / absmax in [-1, 1]; code = sign(u) * floor(127 * sqrt(|u|) + 1/2); decoded
-  m = code * |code| / 127**2 * absmax. The square-root companding spends the codes' resolution
-  on small values (a linear code would zero everything under absmax / 254) and keeps the sign.
-* exp_avg_sq: s = sqrt(v), r = s / absmax(s); code = floor(255 * sqrt(r) + 1/2), at least 1
-  where v > 0, so that a nonzero second moment never decodes to zero (a zero would divide the
-  update by eps alone); decoded v = (code**2 / 255**2 * absmax(s))**2.
+* ``exp_avg``: u = m / absmax in [-1, 1].
+  int8: code = sign(u) * floor(127 * sqrt(|u|) + 1/2), decoded m = code * |code| / 127**2 *
+  absmax; int4: the same with 7 levels; fp8: u * 448 rounded to nearest even in float8 e4m3fn
+  (448 is its largest finite value), decoded m = fp8 / 448 * absmax. The square-root companding
+  of the integer codes spends their resolution on small values (a linear int8 code would zero
+  everything under absmax / 254) and keeps the sign; e4m3's exponent does that by itself.
+* ``exp_avg_sq`` and ``max_exp_avg_sq``: s = sqrt(v), r = s / absmax(s).
+  int8: code = floor(255 * sqrt(r) + 1/2); int4: 15 levels; fp8: r * 448 in e4m3fn. A nonzero
+  v takes at least the smallest nonzero code, so that a nonzero second moment never decodes to
+  zero (a zero would divide the update by eps alone); decoded v = (decoded s)**2.
 
-Measured on the experiments' char-level GPT (400 steps, float32 params): final loss +0.10% of
-float32 AdamW's (torchao's AdamW8bit, with the bitsandbytes dynamic map, -0.32% in the same run).
-Encoding and decoding are a square root and a few multiplies in registers: no table lookups.
+Codes are held as param-shaped tensors (int8 and uint8 for int8; float8_e4m3fn for fp8) except
+int4's, two to a byte (element 2k in the low nibble, 2k+1 in the high one; signed codes in
+two's complement) in a flat uint8 tensor of ceil(numel / 2) bytes. A state's format is read
+from its ``exp_avg`` dtype.
+
+Measured on the experiments' char-level GPT (400 steps, float32 params): int8 final loss +0.10%
+of float32 AdamW's (torchao's AdamW8bit, with the bitsandbytes dynamic map, -0.32% in the same
+run). Encoding and decoding are a square root and a few multiplies (fp8: integer bit
+manipulation) in registers: no table lookups.
 """
 from __future__ import annotations
+
+from dataclasses import dataclass
 
 import torch
 from torch import Tensor
 
-QUANT_BLOCK = 256
 MIN_QUANTIZED_NUMEL = 4096
-_M_LEVELS, _V_LEVELS = 127.0, 255.0
+FP8_MAX = 448.0
 
 
-def n_blocks(numel: int) -> int:
-    return -(-numel // QUANT_BLOCK)
+@dataclass(frozen=True)
+class Format:
+    """A code format: elements per scale, the signed and unsigned codes' dtypes, the integer
+    maps' levels (0 for fp8), and whether codes pack two to a byte."""
+    name: str
+    block: int
+    signed_dtype: torch.dtype
+    unsigned_dtype: torch.dtype
+    signed_levels: float = 0.0
+    unsigned_levels: float = 0.0
+    packed: bool = False
 
 
-def _blocks(flat: Tensor) -> Tensor:
-    """``flat`` zero-padded to whole blocks, as ``[n_blocks, QUANT_BLOCK]``."""
-    pad = (-flat.numel()) % QUANT_BLOCK
-    return torch.nn.functional.pad(flat, (0, pad)).view(-1, QUANT_BLOCK)
+FORMATS = {
+    "int8": Format("int8", 256, torch.int8, torch.uint8, 127.0, 255.0),
+    "int4": Format("int4", 128, torch.uint8, torch.uint8, 7.0, 15.0, packed=True),
+    "fp8": Format("fp8", 256, torch.float8_e4m3fn, torch.float8_e4m3fn),
+}
+# exp_avg's dtype names its format
+_BY_SIGNED_DTYPE = {f.signed_dtype: f for f in FORMATS.values()}
+CODE_DTYPES = tuple(_BY_SIGNED_DTYPE)
+QUANT_BLOCK = FORMATS["int8"].block
+MOMENT_KEYS = ("exp_avg", "exp_avg_sq", "max_exp_avg_sq")
+SCALE_KEYS = tuple(f"{key}_scale" for key in MOMENT_KEYS)
+
+
+def scale_key(key: str) -> str:
+    return f"{key}_scale"
+
+
+def format_of(state: dict):
+    """The Format of a state's codes, or None for dense moments."""
+    if scale_key("exp_avg") not in state:
+        return None
+    return _BY_SIGNED_DTYPE[state["exp_avg"].dtype]
+
+
+def n_blocks(numel: int, fmt: Format = FORMATS["int8"]) -> int:
+    return -(-numel // fmt.block)
+
+
+def n_code_elements(numel: int, fmt: Format) -> int:
+    """Elements of a codes tensor for ``numel`` values (bytes when packed)."""
+    return -(-numel // 2) if fmt.packed else numel
+
+
+def _blocks(flat: Tensor, block: int) -> Tensor:
+    """``flat`` zero-padded to whole blocks, as ``[n_blocks, block]``."""
+    pad = (-flat.numel()) % block
+    return torch.nn.functional.pad(flat, (0, pad)).view(-1, block)
 
 
 def _sqrt(x: Tensor) -> Tensor:
@@ -39,52 +94,119 @@ def _sqrt(x: Tensor) -> Tensor:
     return x.double().sqrt().float()
 
 
-def encode_exp_avg(m: Tensor):
-    """float32 ``m`` (flat) -> (int8 codes, float32 scales [n_blocks])."""
-    blocks = _blocks(m)
+def _pack(codes: Tensor) -> Tensor:
+    """int64 codes in [-8, 16) (flat) -> uint8 bytes, two 4-bit codes each."""
+    nibbles = torch.nn.functional.pad(codes & 0xF, (0, codes.numel() % 2)).view(-1, 2)
+    return (nibbles[:, 0] | (nibbles[:, 1] << 4)).to(torch.uint8)
+
+
+def _unpack(packed: Tensor, numel: int, signed: bool) -> Tensor:
+    """uint8 bytes -> ``numel`` float32 4-bit codes (two's complement when ``signed``)."""
+    nibbles = torch.stack([packed.to(torch.int64) & 0xF, packed.to(torch.int64) >> 4], dim=1)
+    nibbles = nibbles.flatten()[:numel]
+    if signed:
+        nibbles = torch.where(nibbles >= 8, nibbles - 16, nibbles)
+    return nibbles.to(torch.float32)
+
+
+def _fp8_values(codes: Tensor) -> Tensor:
+    return codes.to(torch.float32)
+
+
+def _to_fp8(x: Tensor) -> Tensor:
+    return x.to(torch.float8_e4m3fn)  # nearest even; |x| <= 448 here, so never NaN
+
+
+def encode_signed(x: Tensor, fmt: Format = FORMATS["int8"]):
+    """float32 ``x`` (flat) -> (codes, float32 scales [n_blocks])."""
+    blocks = _blocks(x, fmt.block)
     scale = blocks.abs().amax(dim=1)
     u = torch.where(scale[:, None] > 0, blocks / scale[:, None], torch.zeros_like(blocks))
-    magnitude = torch.floor(_sqrt(u.abs()) * _M_LEVELS + 0.5)
-    codes = torch.where(u < 0, -magnitude, magnitude).flatten()[:m.numel()]
-    return codes.to(torch.int8), scale
+    if not fmt.signed_levels:
+        return _to_fp8(u * FP8_MAX).flatten()[:x.numel()], scale
+    magnitude = torch.floor(_sqrt(u.abs()) * fmt.signed_levels + 0.5)
+    codes = torch.where(u < 0, -magnitude, magnitude).flatten()[:x.numel()]
+    if fmt.packed:
+        return _pack(codes.to(torch.int64)), scale
+    return codes.to(fmt.signed_dtype), scale
+
+
+def decode_signed(codes: Tensor, scale: Tensor, numel: int, fmt: Format = FORMATS["int8"]):
+    """Codes (flat) and their block scales -> ``numel`` float32 values."""
+    if fmt.packed:
+        c = _unpack(codes, numel, signed=True)
+    else:
+        c = codes.to(torch.float32)
+    c = _blocks(c, fmt.block)
+    if fmt.signed_levels:
+        values = (c * c.abs()) / (fmt.signed_levels * fmt.signed_levels) * scale[:, None]
+    else:
+        values = c / FP8_MAX * scale[:, None]
+    return values.flatten()[:numel]
+
+
+def encode_unsigned(v: Tensor, fmt: Format = FORMATS["int8"]):
+    """float32 ``v >= 0`` (flat) -> (codes, float32 scales [n_blocks] of sqrt(v))."""
+    s = _blocks(_sqrt(v), fmt.block)
+    scale = s.amax(dim=1)
+    r = torch.where(scale[:, None] > 0, s / scale[:, None], torch.zeros_like(s))
+    if not fmt.unsigned_levels:
+        bits = _to_fp8(r * FP8_MAX).view(torch.uint8)
+        bits = torch.where((s > 0) & (bits == 0), torch.ones_like(bits), bits)
+        return bits.flatten()[:v.numel()].view(torch.float8_e4m3fn), scale
+    codes = torch.floor(_sqrt(r) * fmt.unsigned_levels + 0.5)
+    codes = torch.where((s > 0) & (codes == 0), torch.ones_like(codes), codes)
+    codes = codes.flatten()[:v.numel()]
+    if fmt.packed:
+        return _pack(codes.to(torch.int64)), scale
+    return codes.to(fmt.unsigned_dtype), scale
+
+
+def decode_unsigned(codes: Tensor, scale: Tensor, numel: int, fmt: Format = FORMATS["int8"]):
+    """Codes (flat) and their block scales (of sqrt(v)) -> ``numel`` float32 v."""
+    c = _unpack(codes, numel, signed=False) if fmt.packed else codes.to(torch.float32)
+    c = _blocks(c, fmt.block)
+    if fmt.unsigned_levels:
+        s = (c * c) / (fmt.unsigned_levels * fmt.unsigned_levels) * scale[:, None]
+    else:
+        s = c / FP8_MAX * scale[:, None]
+    return (s * s).flatten()[:numel]
+
+
+# the int8 maps by their historical names
+def encode_exp_avg(m: Tensor):
+    return encode_signed(m)
 
 
 def decode_exp_avg(codes: Tensor, scale: Tensor) -> Tensor:
-    """int8 codes (flat) and their block scales -> float32 m."""
-    c = _blocks(codes.to(torch.float32))
-    m = (c * c.abs()) / (_M_LEVELS * _M_LEVELS) * scale[:, None]
-    return m.flatten()[:codes.numel()]
+    return decode_signed(codes, scale, codes.numel())
 
 
 def encode_exp_avg_sq(v: Tensor):
-    """float32 ``v >= 0`` (flat) -> (uint8 codes, float32 scales [n_blocks] of sqrt(v))."""
-    s = _blocks(_sqrt(v))
-    scale = s.amax(dim=1)
-    r = torch.where(scale[:, None] > 0, s / scale[:, None], torch.zeros_like(s))
-    codes = torch.floor(_sqrt(r) * _V_LEVELS + 0.5)
-    codes = torch.where((s > 0) & (codes == 0), torch.ones_like(codes), codes)
-    return codes.flatten()[:v.numel()].to(torch.uint8), scale
+    return encode_unsigned(v)
 
 
 def decode_exp_avg_sq(codes: Tensor, scale: Tensor) -> Tensor:
-    """uint8 codes (flat) and their block scales (of sqrt(v)) -> float32 v."""
-    c = _blocks(codes.to(torch.float32))
-    s = (c * c) / (_V_LEVELS * _V_LEVELS) * scale[:, None]
-    return (s * s).flatten()[:codes.numel()]
+    return decode_unsigned(codes, scale, codes.numel())
 
 
-SCALE_KEYS = ("exp_avg_scale", "exp_avg_sq_scale")
+def _codes_like(param: Tensor, dtype: torch.dtype, fmt: Format) -> Tensor:
+    if fmt.packed:
+        return torch.zeros(n_code_elements(param.numel(), fmt), dtype=dtype, device=param.device)
+    return torch.zeros_like(param, dtype=dtype, memory_format=torch.preserve_format)
 
 
-def zero_state(param: Tensor) -> dict:
-    """8-bit moments of zero for ``param``: codes shaped (and laid out) as the param, scales."""
-    blocks = n_blocks(param.numel())
-    return {"exp_avg": torch.zeros_like(param, dtype=torch.int8,
-                                        memory_format=torch.preserve_format),
-            "exp_avg_sq": torch.zeros_like(param, dtype=torch.uint8,
-                                           memory_format=torch.preserve_format),
-            "exp_avg_scale": torch.zeros(blocks, dtype=torch.float32, device=param.device),
-            "exp_avg_sq_scale": torch.zeros(blocks, dtype=torch.float32, device=param.device)}
+def zero_state(param: Tensor, fmt: Format | str = "int8", amsgrad: bool = False) -> dict:
+    """Quantised moments of zero for ``param``: codes (param-shaped and laid out as the param,
+    or packed flat) and scales."""
+    fmt = FORMATS[fmt] if isinstance(fmt, str) else fmt
+    blocks = n_blocks(param.numel(), fmt)
+    state = {}
+    for key in MOMENT_KEYS[:3 if amsgrad else 2]:
+        dtype = fmt.signed_dtype if key == "exp_avg" else fmt.unsigned_dtype
+        state[key] = _codes_like(param, dtype, fmt)
+        state[scale_key(key)] = torch.zeros(blocks, dtype=torch.float32, device=param.device)
+    return state
 
 
 def _memory_order(tensor: Tensor) -> Tensor:
@@ -101,31 +223,44 @@ def _from_memory_order(flat: Tensor, like: Tensor) -> Tensor:
     return out
 
 
-def quantized(param: Tensor, exp_avg: Tensor, exp_avg_sq: Tensor) -> dict:
-    """Dense moments of ``param`` as 8-bit codes and scales (a new dict of four tensors)."""
-    m_codes, m_scale = encode_exp_avg(_memory_order(exp_avg.float()))
-    v_codes, v_scale = encode_exp_avg_sq(_memory_order(exp_avg_sq.float()))
-    return {"exp_avg": _from_memory_order(m_codes, param),
-            "exp_avg_sq": _from_memory_order(v_codes, param),
-            "exp_avg_scale": m_scale, "exp_avg_sq_scale": v_scale}
+def quantized(param: Tensor, exp_avg: Tensor, exp_avg_sq: Tensor,
+              max_exp_avg_sq: Tensor | None = None, fmt: Format | str = "int8") -> dict:
+    """Dense moments of ``param`` as codes and scales (a new dict)."""
+    fmt = FORMATS[fmt] if isinstance(fmt, str) else fmt
+    out = {}
+    moments = (exp_avg, exp_avg_sq) + ((max_exp_avg_sq,) if max_exp_avg_sq is not None else ())
+    for key, moment in zip(MOMENT_KEYS, moments):
+        encode = encode_signed if key == "exp_avg" else encode_unsigned
+        codes, out[scale_key(key)] = encode(_memory_order(moment.float()), fmt)
+        out[key] = codes if fmt.packed else _from_memory_order(codes, param)
+    return out
 
 
 def dense(param: Tensor, state: dict, dtype=torch.float32) -> dict:
-    """``state``'s 8-bit moments as dense ``dtype`` tensors laid out as the param."""
-    m = decode_exp_avg(_memory_order(state["exp_avg"]), state["exp_avg_scale"])
-    v = decode_exp_avg_sq(_memory_order(state["exp_avg_sq"]), state["exp_avg_sq_scale"])
-    return {"exp_avg": _from_memory_order(m, param).to(dtype),
-            "exp_avg_sq": _from_memory_order(v, param).to(dtype)}
+    """``state``'s quantised moments as dense ``dtype`` tensors laid out as the param."""
+    fmt = format_of(state)
+    out = {}
+    for key in MOMENT_KEYS:
+        if scale_key(key) not in state:
+            continue
+        decode = decode_signed if key == "exp_avg" else decode_unsigned
+        codes = state[key] if fmt.packed else _memory_order(state[key])
+        values = decode(codes, state[scale_key(key)], param.numel(), fmt)
+        out[key] = _from_memory_order(values, param).to(dtype)
+    return out
 
 
-def convert(param: Tensor, state: dict, quantize: bool, dtype=None) -> dict:
-    """``state`` with its moments as 8-bit codes (``quantize``) or dense (in ``dtype``); the
-    same dict when they already are."""
-    is_quantized = "exp_avg_scale" in state
-    if quantize == is_quantized:
+def convert(param: Tensor, state: dict, quantize, dtype=None) -> dict:
+    """``state`` with its moments as codes of format ``quantize`` (a name or Format; True:
+    int8) or dense (``quantize`` falsy, in ``dtype``); the same dict when they already are."""
+    fmt = FORMATS["int8"] if quantize is True else FORMATS.get(quantize, quantize) or None
+    held = format_of(state)
+    if fmt == held:
         return state
-    rest = {k: v for k, v in state.items()
-            if k not in ("exp_avg", "exp_avg_sq") + SCALE_KEYS}
-    if quantize:
-        return {**rest, **quantized(param, state["exp_avg"], state["exp_avg_sq"])}
-    return {**rest, **dense(param, state, dtype or torch.float32)}
+    rest = {k: v for k, v in state.items() if k not in MOMENT_KEYS + SCALE_KEYS}
+    moments = dense(param, state) if held is not None else {
+        k: state[k] for k in MOMENT_KEYS if k in state}
+    if fmt is None:
+        return {**rest, **{k: v.to(dtype or torch.float32) for k, v in moments.items()}}
+    return {**rest, **quantized(param, moments["exp_avg"], moments["exp_avg_sq"],
+                                moments.get("max_exp_avg_sq"), fmt)}

@@ -20,8 +20,18 @@ UNALIGNED_TILE_SIZE = 2048
 UNALIGNED_MASTER_TILE_SIZE = 1024
 
 
-def step_tile_size(aligned: bool, master: int) -> int:
-    """The step kernel's TILE_SIZE for an alignment class and MASTER mode (0: none)."""
+# Quantised moments (QUANT) hold codes, block maxima and the dense path of small tensors in the
+# same program: ptxas capped some at 128 registers and spilled at 2048 (aligned) and 1024
+# (unaligned) elements; these do not spill.
+ALIGNED_QUANT_TILE_SIZE = 1024
+UNALIGNED_QUANT_TILE_SIZE = 512
+
+
+def step_tile_size(aligned: bool, master: int, quant: int = 0) -> int:
+    """The step kernel's TILE_SIZE for an alignment class, MASTER mode (0: none) and QUANT
+    mode (0: dense moments)."""
+    if quant:
+        return ALIGNED_QUANT_TILE_SIZE if aligned else UNALIGNED_QUANT_TILE_SIZE
     if aligned:
         return ALIGNED_TILE_SIZE
     return UNALIGNED_MASTER_TILE_SIZE if master else UNALIGNED_TILE_SIZE

@@ -35,10 +35,11 @@ class TorchBucket:
         self.max_exp_avg_sqs = ([m.flat(m.state["max_exp_avg_sq"]) for m in members]
                                 if amsgrad else [])
         self.steps = [m.state["step"] for m in members]
-        # 8-bit moments: their block scales (codes in exp_avgs / exp_avg_sqs)
-        self.quantized = precision_of(members[0]).quantized
-        self.scales = [(m.state["exp_avg_scale"], m.state["exp_avg_sq_scale"]) for m in members
-                       ] if self.quantized else []
+        # quantised moments: each member's codes and scales (None: dense moments, as a
+        # quantised group's small params have)
+        self.codes = [{key: m.state[key] for key in _quantize.MOMENT_KEYS + _quantize.SCALE_KEYS
+                       if key in m.state} if precision_of(m).quantized else None
+                      for m in members]
         # moments held in another dtype than the params: torch's CPU fused kernel refuses that,
         # so these go through the float32 math, the Triton kernel's arithmetic
         self.mixed_state = any(m.state["exp_avg"].dtype != m.param.dtype for m in members)
@@ -128,25 +129,24 @@ class TorchBucket:
             p = p.mul_(param_scale)
             if l2 != 0.0:
                 g = g.add(p, alpha=l2)
-            if self.quantized:
-                m_scale, v_scale = self.scales[i]
-                moments = _quantize.dense(param, {"exp_avg": exp_avg, "exp_avg_sq": exp_avg_sq,
-                                                  "exp_avg_scale": m_scale,
-                                                  "exp_avg_sq_scale": v_scale})
-                m, v = moments["exp_avg"], moments["exp_avg_sq"]
+            codes = self.codes[i]
+            if codes is not None:
+                moments = _quantize.dense(param, codes)
             else:
-                m, v = exp_avg.to(f32, copy=True), exp_avg_sq.to(f32, copy=True)
-            m = m.lerp_(g, 1 - beta1)
-            v = v.mul_(beta2).addcmul_(g, g, value=1 - beta2)
-            second = v
-            new = {exp_avg: m, exp_avg_sq: v}
-            if self.quantized:
-                codes = _quantize.quantized(param, m, v)
-                new = {exp_avg: codes["exp_avg"], exp_avg_sq: codes["exp_avg_sq"],
-                       m_scale: codes["exp_avg_scale"], v_scale: codes["exp_avg_sq_scale"]}
-            if self.amsgrad:
-                second = torch.maximum(self.max_exp_avg_sqs[i].to(f32), v)
-                new[self.max_exp_avg_sqs[i]] = second
+                moments = {key: t.to(f32, copy=True) for key, t in (
+                    ("exp_avg", exp_avg), ("exp_avg_sq", exp_avg_sq)) + ((
+                        ("max_exp_avg_sq", self.max_exp_avg_sqs[i]),) if self.amsgrad else ())}
+            m = moments["exp_avg"].lerp_(g, 1 - beta1)
+            v = moments["exp_avg_sq"].mul_(beta2).addcmul_(g, g, value=1 - beta2)
+            second = torch.maximum(moments["max_exp_avg_sq"], v) if self.amsgrad else v
+            if codes is not None:
+                values = _quantize.quantized(param, m, v, second if self.amsgrad else None,
+                                             _quantize.format_of(codes))
+                new = {codes[key]: value for key, value in values.items()}
+            else:
+                new = {exp_avg: m, exp_avg_sq: v}
+                if self.amsgrad:
+                    new[self.max_exp_avg_sqs[i]] = second
             # float32 sqrt correctly rounded (torch's vectorised CPU sqrt is not, for ~17% of
             # elements here): in float64 then rounded once, which is exact for square roots
             root = second.double().sqrt_().float()
@@ -154,6 +154,8 @@ class TorchBucket:
             p = p.addcdiv_(m, denom, value=neg_step_size.item())
             new.update(self._written_param(i, p, param, group))
             for target, value in new.items():
+                if target.dtype == torch.float8_e4m3fn:  # fp8 codes: copied as their bits
+                    target, value = target.view(torch.uint8), value.view(torch.uint8)
                 if value.dtype != target.dtype:
                     value = _precision.rounded(value, target.dtype)
                 if skip is not None:

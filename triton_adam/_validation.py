@@ -12,8 +12,6 @@ from torch import Tensor
 
 from . import _distributed, _quantize
 
-# the float32 per-block scales of 8-bit moments (state_dtype="int8")
-QUANT_SCALE_KEYS = ("exp_avg_scale", "exp_avg_sq_scale")
 
 
 def _as_number(value):
@@ -62,11 +60,13 @@ STATE_DTYPES = (torch.float32, torch.bfloat16)
 
 
 def check_state_dtype(state_dtype) -> None:
-    """Raise ValueError for a state_dtype the kernels cannot hold moments in ("int8": the
-    blockwise 8-bit codes of _quantize)."""
-    if state_dtype is not None and state_dtype != "int8" and state_dtype not in STATE_DTYPES:
-        raise ValueError(f"state_dtype must be None (the param's dtype), 'int8' or one of "
-                         f"{[str(d) for d in STATE_DTYPES]}, got {state_dtype!r}")
+    """Raise ValueError for a state_dtype the kernels cannot hold moments in ("int8", "int4",
+    "fp8": the blockwise codes of _quantize)."""
+    if state_dtype is not None and state_dtype not in _quantize.FORMATS and \
+            state_dtype not in STATE_DTYPES:
+        raise ValueError(f"state_dtype must be None (the param's dtype), one of "
+                         f"{[str(d) for d in STATE_DTYPES]} or a code format "
+                         f"{list(_quantize.FORMATS)}, got {state_dtype!r}")
 
 
 def describe(group_index: int, position: int, param: Tensor) -> str:
@@ -129,15 +129,20 @@ def check_state(group_index: int, position: int, param: Tensor, state: dict, ams
     what = describe(group_index, position, param)
     keys = ["exp_avg", "exp_avg_sq"] + (["max_exp_avg_sq"] if amsgrad else [])
     expected = dict.fromkeys(keys, precision.state_dtype)
-    if precision.quantized:
-        expected["exp_avg_sq"] = torch.uint8
-        for key in QUANT_SCALE_KEYS:
-            value = state.get(key)
-            blocks = _quantize.n_blocks(_distributed.local(param).numel())
-            if not (isinstance(value, Tensor) and value.dtype == torch.float32
-                    and tuple(value.shape) == (blocks,) and value.device == param.device):
-                raise TypeError(f"{what}: state '{key}' must be {blocks} float32 block scales "
-                                f"on {param.device}, got {value!r:.80}")
+    shapes = dict.fromkeys(keys, param.shape)
+    fmt = precision.format
+    if fmt is not None:
+        numel = _distributed.local(param).numel()
+        for key in keys:
+            expected[key] = fmt.signed_dtype if key == "exp_avg" else fmt.unsigned_dtype
+            if fmt.packed:
+                shapes[key] = torch.Size([_quantize.n_code_elements(numel, fmt)])
+            scale = state.get(_quantize.scale_key(key))
+            blocks = _quantize.n_blocks(numel, fmt)
+            if not (isinstance(scale, Tensor) and scale.dtype == torch.float32
+                    and tuple(scale.shape) == (blocks,) and scale.device == param.device):
+                raise TypeError(f"{what}: state '{_quantize.scale_key(key)}' must be {blocks} "
+                                f"float32 block scales on {param.device}, got {scale!r:.80}")
     if precision.extra_key:
         keys.append(precision.extra_key)
         expected[precision.extra_key] = precision.extra_dtype(param.dtype)
@@ -152,9 +157,10 @@ def check_state(group_index: int, position: int, param: Tensor, state: dict, ams
         value = state[key]
         if not isinstance(value, Tensor):
             raise TypeError(f"{what}: state '{key}' is {type(value).__name__}, expected a tensor")
-        if value.shape != param.shape:
+        expected_shape = shapes.get(key, param.shape)
+        if value.shape != expected_shape:
             raise ValueError(f"{what}: state '{key}' has shape {tuple(value.shape)}, expected "
-                             f"{tuple(param.shape)}")
+                             f"{tuple(expected_shape)}")
         if value.device != param.device:
             raise RuntimeError(f"{what}: state '{key}' is on {value.device}, expected "
                                f"{param.device}")

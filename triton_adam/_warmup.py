@@ -19,8 +19,7 @@ import itertools
 import torch
 
 from ._grad_norm import NORM_CODES, NormSource
-from ._tables import (ALIGNED_TILE_SIZE, BLOCK_SIZE, NUM_WARPS, UNALIGNED_TILE_SIZE, on_device,
-                      step_tile_size)
+from ._tables import ALIGNED_TILE_SIZE, BLOCK_SIZE, NUM_WARPS, UNALIGNED_TILE_SIZE, on_device
 from .kernels import adam_step as K
 from .kernels import grad_norm as N
 
@@ -71,9 +70,10 @@ def _compile_bucket(bucket, hyper_table, amp_modes, clipping: bool) -> None:
                                                                _aligned_options(bucket)):
             K.launch_adam_step(
                 bucket.tensor_table, bucket.grad_table, bucket.block_map, bucket.coef_table,
-                placeholder if has_scale else None, placeholder if has_inf else None,
+                *bucket.step_amp_arguments(placeholder if has_scale else None,
+                                           placeholder if has_inf else None),
                 bucket.n_blocks, dict(bucket.spec, ALIGNED=aligned), BLOCK_SIZE,
-                step_tile_size(aligned, bucket.spec["MASTER"]), NUM_WARPS, warmup=True)
+                bucket.tile_size(aligned), NUM_WARPS, warmup=True)
 
 
 def _norm_on_triton(plan) -> bool:

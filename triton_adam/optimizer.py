@@ -334,9 +334,9 @@ class _FusedAdamBase(torch.optim.Optimizer):
                 adopted = _adopt_loaded_state(gi, pi, param, state, precision)
                 if adopted is not state:
                     state = new_states[param] = adopted
-                # dense moments (a checkpoint, or int8 switched on) into 8-bit codes, or back
-                moments = _quantize.convert(param, state, precision.quantized,
-                                            precision.state_dtype)
+                # dense moments (a checkpoint, or codes switched on) into codes, or back
+                moments = _quantize.convert(param, state, precision.format,
+                                            precision.dense_dtype)
                 if moments is not state:
                     state = new_states[param] = moments
                 # a torch checkpoint, another mode's checkpoint, or a mode switched: the
@@ -348,9 +348,7 @@ class _FusedAdamBase(torch.optim.Optimizer):
                     rewrites.append((param, rewrite))
                 if group["amsgrad"] and "max_exp_avg_sq" not in state:
                     # amsgrad switched on mid-training: start its maximum from zero.
-                    state = new_states[param] = dict(
-                        state, max_exp_avg_sq=_distributed.zeros_like(param,
-                                                                      precision.state_dtype))
+                    state = new_states[param] = dict(state, **_zero_max(param, precision))
                 states[param] = state
         plan = StepPlan(self, grads_by_group, states, signature)
         for param, state in new_states.items():
@@ -424,12 +422,20 @@ def _initial_state(param: Tensor, amsgrad: bool, precision) -> dict:
     # step is a plain 0-d tensor also for DTensor params, as torch keeps it
     state = {"step": torch.zeros((), dtype=torch.float32, device=param.device)}
     if precision.quantized:
-        state.update(_quantize.zero_state(param))
+        state.update(_quantize.zero_state(param, precision.format, amsgrad))
     for key in state_key_names(amsgrad):
         if key not in state:
             state[key] = _distributed.zeros_like(param, precision.state_dtype)
     state, _ = _precision.convert(param, state, precision)
     return state
+
+
+def _zero_max(param: Tensor, precision) -> dict:
+    """amsgrad's maximum of zero (its codes and scale when quantised)."""
+    if precision.quantized:
+        zero = _quantize.zero_state(param, precision.format, amsgrad=True)
+        return {key: zero[key] for key in ("max_exp_avg_sq", "max_exp_avg_sq_scale")}
+    return {"max_exp_avg_sq": _distributed.zeros_like(param, precision.state_dtype)}
 
 
 def _adopt_loaded_state(group_index: int, position: int, param: Tensor, state: dict,
