@@ -55,10 +55,27 @@ def _deterministic_randomness(request):
 
 def pytest_configure(config):
     config.addinivalue_line("markers", "cuda: needs a CUDA device (run by perf/gpu_check.sh)")
+    config.addinivalue_line("markers", "aot: reads the ahead-of-time compile jobs (tests/aot_jobs.py; "
+                            "run last, the jobs start at collection)")
     from interpreter_faults import loop_bound_error
     message = loop_bound_error()
     if message:
         raise pytest.UsageError(message)
+
+
+def pytest_collection_modifyitems(session, config, items):
+    """Run the ``aot`` tests last, and start their compile jobs now, in the background."""
+    aot = [item for item in items if item.get_closest_marker("aot")]
+    if aot:
+        items[:] = [item for item in items if not item.get_closest_marker("aot")] + aot
+        if any(item.module.__name__ == "test_aot" for item in aot):
+            import aot_jobs
+            aot_jobs.start()
+
+
+def pytest_sessionfinish(session, exitstatus):
+    import aot_jobs
+    aot_jobs.stop()
 
 
 def pytest_report_header(config):

@@ -1,54 +1,21 @@
 """Every kernel specialisation compiles ahead of time for sm_80 and sm_90 with the real compiler.
 
-Runs in a subprocess: the Triton interpreter flag of the test process is read at import.
+The compiles run in subprocesses (the Triton interpreter flag of the test process is read at
+import), started in the background when the session collects (tests/aot_jobs.py).
 """
 import json
-import os
-import subprocess
-import sys
 
 import pytest
 
-# TRITON_ADAM_AOT=coverage (the old-Triton lane of CI) compiles the precision roles in one AMP
-# mode only (see aot.step_kernel_specs)
-COVERAGE = os.environ.get("TRITON_ADAM_AOT") == "coverage"
-SCRIPT = """
-import json, sys
-from triton_adam.aot import compile_all
-reports = compile_all(sys.argv[1], coverage=sys.argv[2] == "1")
-for r in reports:
-    r.pop("ptx")
-print(json.dumps(reports))
-"""
+import aot_jobs
+
+pytestmark = pytest.mark.aot
 
 
-TARGETS = ["sm_80", "sm_90"]
-
-
-@pytest.fixture(scope="module")
-def compilers():
-    """Both targets' compile jobs, started together (one process each: two cores, half the
-    wall time); every process is waited for or killed."""
-    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
-    processes = {t: subprocess.Popen([sys.executable, "-c", SCRIPT, t, str(int(COVERAGE))],
-                                     env=env, text=True,
-                                     stdout=subprocess.PIPE, stderr=subprocess.PIPE)
-                 for t in TARGETS}
-    yield processes
-    for process in processes.values():
-        if process.poll() is None:
-            process.kill()
-            process.communicate()
-
-
-@pytest.fixture(scope="module", params=TARGETS)
-def reports(request, compilers):
-    try:
-        stdout, stderr = compilers[request.param].communicate(timeout=600)
-    except subprocess.TimeoutExpired:
-        compilers[request.param].kill()
-        raise
-    assert compilers[request.param].returncode == 0, stderr[-3000:]
+@pytest.fixture(scope="module", params=aot_jobs.TARGETS)
+def reports(request):
+    returncode, stdout, stderr = aot_jobs.result(request.param, timeout=1200)
+    assert returncode == 0, stderr[-3000:]
     return json.loads(stdout.strip().splitlines()[-1])
 
 
@@ -56,12 +23,15 @@ def test_every_specialisation_compiles(reports):
     counts = {}
     for r in reports:
         counts[r["name"]] = counts.get(r["name"], 0) + 1
-    # dtype roles: 12 plain (param, grad, state), 8 float32-master, 10 Kahan, 4 remainder,
-    # 4 stochastic rounding; each x amsgrad x 3 AMP modes x aligned
-    # and 5 int8-moment roles without amsgrad
-    step = (12 + 8 + 10 + 4 + 4) * 2 * 3 * 2 + 5 * 3 * 2
-    if COVERAGE:
-        step = 12 * 2 * 3 * 2 + (8 + 10 + 4 + 4) * 2 * 2 + 5 * 2
+    # dense-moment dtype roles: 12 plain (param, grad, state), 8 float32-master, 10 Kahan,
+    # 4 remainder, 4 stochastic rounding; each x amsgrad x 3 AMP modes x aligned
+    step = (12 + 8 + 10 + 4 + 4) * 2 * 3 * 2
+    if aot_jobs.SCOPE == "coverage":  # the precision roles in one AMP mode
+        step = 12 * 2 * 3 * 2 + (8 + 10 + 4 + 4) * 2 * 2
+    # quantised moments, 3 formats, one AMP mode: 17 roles (fp32 params: 1; bf16: 2 grad
+    # dtypes x none, Kahan, master, remainder, stochastic rounding; fp16: 2 x none, Kahan,
+    # master) x amsgrad x aligned; "ci" and "coverage": amsgrad with float32 grads, 9 roles
+    step += 3 * (17 * 2 * 2 if aot_jobs.SCOPE == "all" else 9 * 2)
     assert counts == {"adam_coefficients_kernel": 4, "adam_step_kernel": step,
                       "grad_norm_partials_kernel": 3 * 3 * 2, "grad_norm_finalize_kernel": 3 * 3,
                       "grad_norm_segments_kernel": 3}

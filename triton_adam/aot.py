@@ -14,7 +14,7 @@ from pathlib import Path
 
 from ._tables import (ALIGNED_TILE_SIZE, BLOCK_SIZE, NUM_WARPS, UNALIGNED_TILE_SIZE,
                       step_tile_size)
-from .kernels import adam_step, grad_norm
+from .kernels import adam_step, grad_norm, moment_codes
 
 DTYPES = ("fp32", "bf16", "fp16")
 # GradScaler gives found_inf alone (after unscale_) or with grad_scale; grad_scale never alone.
@@ -39,29 +39,53 @@ def dtype_roles():
                 if dtype == "bf16":
                     yield dtype, grad_dtype, state_dtype, int(adam_step.MASTER_REMAINDER), False
                     yield dtype, grad_dtype, state_dtype, int(adam_step.MASTER_NONE), True
-        for grad_dtype in dict.fromkeys((dtype, "fp32")):  # 8-bit moments (state_dtype="int8")
-            yield dtype, grad_dtype, "int8", int(adam_step.MASTER_NONE), False
 
 
-def step_kernel_specs(coverage: bool = False):
-    """Every constexpr combination of ``adam_step_kernel`` that the optimizer launches.
+# state_dtype code formats -> (the step kernel's QUANT, elements per scale)
+QUANT_FORMATS = {"int8": (int(moment_codes.QUANT_INT8), 256),
+                 "int4": (int(moment_codes.QUANT_INT4), 128),
+                 "fp8": (int(moment_codes.QUANT_FP8), 256)}
+SCOPES = ("all", "ci", "coverage")
 
-    With ``coverage``, the precision roles (masters, compensation, stochastic rounding) only in
-    the AMP mode with the most code (grad_scale and found_inf), which bounds the others'
-    registers: 290 of the 486 compiles, for the old-Triton lane of CI.
+
+def _quantized_roles():
+    """The roles of a quantised group: its params' dtypes and masters, float32 moments for the
+    tensors too small to quantise."""
+    return [role for role in dtype_roles() if role[2] == "fp32"]
+
+
+def step_kernel_specs(scope: str = "all"):
+    """The constexpr combinations of ``adam_step_kernel`` that the optimizer launches.
+
+    ``scope``: "all", every one (``triton-adam kernels``); "ci", every dense-moment one and
+    those quantised ones that bound the others (amsgrad, float32 grads: the most registers;
+    every format, param dtype, master and alignment); "coverage" (the old-Triton lane of CI),
+    moreover the precision roles only in the AMP mode with the most code (grad_scale and
+    found_inf), which bounds the others' registers. Quantised launches always take the AMP
+    arguments (see _plan.TritonBucket.step_amp_arguments).
     """
+    if scope not in SCOPES:
+        raise ValueError(f"scope must be one of {SCOPES}, got {scope!r}")
     for (dtype, grad_dtype, state_dtype, master, stochastic), amsgrad, amp, aligned in \
             itertools.product(dtype_roles(), (False, True), AMP_MODES, (True, False)):
-        quantized = state_dtype == "int8"
-        if coverage and (master or stochastic or quantized) and amp != "scale":
-            continue
-        if quantized and amsgrad:  # refused: no 8-bit max_exp_avg_sq yet
+        if scope == "coverage" and (master or stochastic) and amp != "scale":
             continue
         has_scale, has_inf = AMP_MODES[amp]
         yield dict(PARAM_DTYPE=dtype, GRAD_DTYPE=grad_dtype, STATE_DTYPE=state_dtype,
                    AMSGRAD=amsgrad, MASTER=master, STOCHASTIC_ROUNDING=stochastic,
                    HAS_GRAD_SCALE=has_scale, HAS_FOUND_INF=has_inf, ALIGNED=aligned,
-                   BLOCK_SIZE=BLOCK_SIZE, TILE_SIZE=step_tile_size(aligned, master))
+                   BLOCK_SIZE=BLOCK_SIZE, TILE_SIZE=step_tile_size(aligned, master),
+                   QUANT=int(moment_codes.QUANT_NONE), QUANT_BLOCK=256)
+    for name, (quant, quant_block) in QUANT_FORMATS.items():
+        for (dtype, grad_dtype, state_dtype, master, stochastic), amsgrad, aligned in \
+                itertools.product(_quantized_roles(), (False, True), (True, False)):
+            if scope != "all" and not (amsgrad and grad_dtype == "fp32"):
+                continue
+            yield dict(PARAM_DTYPE=dtype, GRAD_DTYPE=grad_dtype, STATE_DTYPE=state_dtype,
+                       AMSGRAD=amsgrad, MASTER=master, STOCHASTIC_ROUNDING=stochastic,
+                       HAS_GRAD_SCALE=True, HAS_FOUND_INF=True, ALIGNED=aligned,
+                       BLOCK_SIZE=BLOCK_SIZE, TILE_SIZE=step_tile_size(aligned, master, quant),
+                       QUANT=quant, QUANT_BLOCK=quant_block)
 
 
 def coefficient_kernel_specs():
@@ -153,9 +177,9 @@ SEGMENTS_SIGNATURE = {"partials": "*fp32", "nonfinite_counts": "*i32",
                       "nonfinite_out": "*fp32"}
 
 
-def compile_all(target: str = "sm_90", coverage: bool = False) -> list[dict]:
+def compile_all(target: str = "sm_90", scope: str = "all") -> list[dict]:
     """Compile every specialisation for ``target`` ("sm_80", "sm_90", ...) and report on each
-    (``coverage``: the step kernel's reduced set, see ``step_kernel_specs``).
+    (``scope``: all, or the step kernel's reduced sets for CI, see ``step_kernel_specs``).
 
     Returns one dict per kernel: name, spec, registers, shared_bytes, spill_bytes, stack_bytes,
     ld_vector_width, st_vector_width (widest ``ld/st.global.vN``, 1 when scalar), ptx_bytes,
@@ -165,7 +189,7 @@ def compile_all(target: str = "sm_90", coverage: bool = False) -> list[dict]:
     jobs = [("adam_coefficients_kernel", adam_step.adam_coefficients_kernel, COEF_SIGNATURE, s, 4)
             for s in coefficient_kernel_specs()]
     jobs += [("adam_step_kernel", adam_step.adam_step_kernel, STEP_SIGNATURE, s, NUM_WARPS)
-             for s in step_kernel_specs(coverage)]
+             for s in step_kernel_specs(scope)]
     jobs += [("grad_norm_partials_kernel", grad_norm.grad_norm_partials_kernel,
               PARTIALS_SIGNATURE, s, NUM_WARPS) for s in grad_norm_partials_specs()]
     jobs += [("grad_norm_finalize_kernel", grad_norm.grad_norm_finalize_kernel,

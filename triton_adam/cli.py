@@ -111,7 +111,7 @@ def cmd_kernels(args: argparse.Namespace) -> int:
     except KernelReportUnavailable as exc:
         _error(str(exc))
         return EXIT_UNAVAILABLE
-    rows = compile_all(target=args.target)
+    rows = compile_all(target=args.target, scope=args.scope)
     try:
         table = kernels_table(rows, args.target)
     except ValueError as exc:
@@ -297,6 +297,9 @@ def build_parser() -> argparse.ArgumentParser:
     k = sub.add_parser("kernels", help="compile every kernel specialisation ahead of time and "
                                        "print registers, spills, vector widths, PTX size")
     k.add_argument("--target", default="sm_90")
+    k.add_argument("--scope", choices=("all", "ci", "coverage"), default="all",
+                   help="all: every specialisation the optimizer can launch; ci, coverage: "
+                        "the reduced sets CI compiles (see triton_adam.aot.step_kernel_specs)")
     k.add_argument("--json", help="also write the rows as JSON here")
     k.set_defaults(func=cmd_kernels)
 
