@@ -584,14 +584,16 @@ def _kernel_grad(member: Member, grad: Tensor) -> Tensor:
 def _check_state_layout(member: Member, amsgrad: bool) -> None:
     """Give loaded state tensors their param's strides (a value-preserving fix-up)."""
     what = _validation.describe(member.group_index, member.position, member.param)
+    keys = memory_keys(amsgrad, member.extra_key)
+    for key in keys:  # 8-bit codes included: their blocks are the local shard's
+        _distributed.check_local_layout(what, key, member.param, member.state[key])
     if member.precision.quantized and local(member.state["exp_avg"]).stride() != member.stride \
             and member.numel > 1:
         # 8-bit codes are blocked in memory order: a new layout is a new quantisation
         member.state.update(_quantize.quantized(
             member.param, **_quantize.dense(member.param, member.state)))
-    for key in memory_keys(amsgrad, member.extra_key):
+    for key in keys:
         value = member.state[key]
-        _distributed.check_local_layout(what, key, member.param, value)
         if local(value).stride() != member.stride and member.numel > 1:
             value = _distributed.zeros_like(member.param, value.dtype)
             local(value).copy_(local(member.state[key]))

@@ -101,15 +101,14 @@ def of(group: dict, param: Tensor, what: str = "a param") -> Precision:
              "kahan" if kahan else None)
     state_dtype = group.get("state_dtype")
     if state_dtype == "int8":
-        if _distributed.is_dtensor(param):
-            raise NotImplementedError(f"{what}: state_dtype='int8' for DTensor (FSDP2) params "
-                                      "is not built yet")
         if group.get("amsgrad"):
             raise ValueError(f"{what}: state_dtype='int8' with amsgrad is not built yet")
         if extra is not None or stochastic:
             raise ValueError(f"{what}: state_dtype='int8' with master weights, Kahan "
                              "summation or stochastic rounding is not built yet")
-        # small tensors (biases, norms) keep float32 moments, decided per param
+        # small tensors (biases, norms) keep float32 moments, decided per param on its whole
+        # numel (a DTensor's is the global one): every shard of a param is held alike, at any
+        # world size, and a small shard of a large param is still quantised
         small = param.numel() < group.get("min_quantized_numel", _quantize.MIN_QUANTIZED_NUMEL)
         state_dtype = torch.float32 if small else torch.int8
         if dtype not in (torch.float32,) + SIXTEEN_BIT:

@@ -19,6 +19,9 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
+from . import _distributed
+from ._distributed import local
+
 QUANT_BLOCK = 256
 MIN_QUANTIZED_NUMEL = 4096
 _M_LEVELS, _V_LEVELS = 127.0, 255.0
@@ -77,12 +80,14 @@ SCALE_KEYS = ("exp_avg_scale", "exp_avg_sq_scale")
 
 
 def zero_state(param: Tensor) -> dict:
-    """8-bit moments of zero for ``param``: codes shaped (and laid out) as the param, scales."""
-    blocks = n_blocks(param.numel())
-    return {"exp_avg": torch.zeros_like(param, dtype=torch.int8,
-                                        memory_format=torch.preserve_format),
-            "exp_avg_sq": torch.zeros_like(param, dtype=torch.uint8,
-                                           memory_format=torch.preserve_format),
+    """8-bit moments of zero for ``param``: codes shaped (and laid out) as the param, scales.
+
+    For a DTensor param the blocks are its local shard's, in memory order (as the kernels walk
+    it): the codes are DTensors with the param's placements, the scales plain local tensors
+    (they describe this rank's blocks only)."""
+    blocks = n_blocks(local(param).numel())
+    return {"exp_avg": _distributed.zeros_like(param, torch.int8),
+            "exp_avg_sq": _distributed.zeros_like(param, torch.uint8),
             "exp_avg_scale": torch.zeros(blocks, dtype=torch.float32, device=param.device),
             "exp_avg_sq_scale": torch.zeros(blocks, dtype=torch.float32, device=param.device)}
 
@@ -102,20 +107,25 @@ def _from_memory_order(flat: Tensor, like: Tensor) -> Tensor:
 
 
 def quantized(param: Tensor, exp_avg: Tensor, exp_avg_sq: Tensor) -> dict:
-    """Dense moments of ``param`` as 8-bit codes and scales (a new dict of four tensors)."""
-    m_codes, m_scale = encode_exp_avg(_memory_order(exp_avg.float()))
-    v_codes, v_scale = encode_exp_avg_sq(_memory_order(exp_avg_sq.float()))
-    return {"exp_avg": _from_memory_order(m_codes, param),
-            "exp_avg_sq": _from_memory_order(v_codes, param),
+    """Dense moments of ``param`` as 8-bit codes and scales (a new dict of four tensors); a
+    DTensor param's local shards are quantised (see zero_state)."""
+    shard = local(param)
+    m_codes, m_scale = encode_exp_avg(_memory_order(local(exp_avg).float()))
+    v_codes, v_scale = encode_exp_avg_sq(_memory_order(local(exp_avg_sq).float()))
+    return {"exp_avg": _distributed.shaped_like(param, _from_memory_order(m_codes, shard)),
+            "exp_avg_sq": _distributed.shaped_like(param, _from_memory_order(v_codes, shard)),
             "exp_avg_scale": m_scale, "exp_avg_sq_scale": v_scale}
 
 
 def dense(param: Tensor, state: dict, dtype=torch.float32) -> dict:
-    """``state``'s 8-bit moments as dense ``dtype`` tensors laid out as the param."""
-    m = decode_exp_avg(_memory_order(state["exp_avg"]), state["exp_avg_scale"])
-    v = decode_exp_avg_sq(_memory_order(state["exp_avg_sq"]), state["exp_avg_sq_scale"])
-    return {"exp_avg": _from_memory_order(m, param).to(dtype),
-            "exp_avg_sq": _from_memory_order(v, param).to(dtype)}
+    """``state``'s 8-bit moments as dense ``dtype`` tensors laid out as the param (DTensors
+    with its placements for a DTensor param, decoded from the local shards)."""
+    shard = local(param)
+    m = decode_exp_avg(_memory_order(local(state["exp_avg"])), state["exp_avg_scale"])
+    v = decode_exp_avg_sq(_memory_order(local(state["exp_avg_sq"])), state["exp_avg_sq_scale"])
+    return {"exp_avg": _distributed.shaped_like(param, _from_memory_order(m, shard).to(dtype)),
+            "exp_avg_sq": _distributed.shaped_like(param,
+                                                   _from_memory_order(v, shard).to(dtype))}
 
 
 def convert(param: Tensor, state: dict, quantize: bool, dtype=None) -> dict:

@@ -134,33 +134,58 @@ def check_state(group_index: int, position: int, param: Tensor, state: dict, ams
         for key in QUANT_SCALE_KEYS:
             value = state.get(key)
             blocks = _quantize.n_blocks(_distributed.local(param).numel())
-            if not (isinstance(value, Tensor) and value.dtype == torch.float32
-                    and tuple(value.shape) == (blocks,) and value.device == param.device):
-                raise TypeError(f"{what}: state '{key}' must be {blocks} float32 block scales "
-                                f"on {param.device}, got {value!r:.80}")
+            # a plain tensor also for a DTensor param: the scales of this rank's blocks
+            if not (isinstance(value, Tensor) and not _distributed.is_dtensor(value)
+                    and value.dtype == torch.float32 and tuple(value.shape) == (blocks,)
+                    and value.device == param.device):
+                raise TypeError(f"{what}: state '{key}' must be a plain tensor of {blocks} "
+                                f"float32 block scales on {param.device}, got {value!r:.80}")
     if precision.extra_key:
         keys.append(precision.extra_key)
         expected[precision.extra_key] = precision.extra_dtype(param.dtype)
-    for key in ["step"] + keys:
-        if key not in state:
-            raise KeyError(f"{what}: optimizer state has no '{key}' (was the state_dict saved by "
-                           "an optimizer with other settings?)")
+    _check_present(what, state, ["step"] + keys)
     step = state["step"]
     if not isinstance(step, Tensor) or step.numel() != 1:
         raise TypeError(f"{what}: state 'step' must be a 1-element tensor, got {step!r}")
     for key in keys:
         value = state[key]
-        if not isinstance(value, Tensor):
-            raise TypeError(f"{what}: state '{key}' is {type(value).__name__}, expected a tensor")
-        if value.shape != param.shape:
-            raise ValueError(f"{what}: state '{key}' has shape {tuple(value.shape)}, expected "
-                             f"{tuple(param.shape)}")
-        if value.device != param.device:
-            raise RuntimeError(f"{what}: state '{key}' is on {value.device}, expected "
-                               f"{param.device}")
+        _check_like_param(what, key, value, param)
         if value.dtype != expected[key]:
             raise TypeError(f"{what}: state '{key}' has dtype {value.dtype}, expected "
                             f"{expected[key]}")
+
+
+def check_dense_moments(group_index: int, position: int, param: Tensor, state: dict) -> None:
+    """Raise if loaded dense moments, about to be quantised into 8-bit codes of ``param``'s
+    blocks (its local shard's for a DTensor), cannot be its moments."""
+    what = describe(group_index, position, param)
+    _check_present(what, state, ("exp_avg", "exp_avg_sq"))
+    for key in ("exp_avg", "exp_avg_sq"):
+        value = state[key]
+        _check_like_param(what, key, value, param)
+        if not value.is_floating_point():
+            raise TypeError(f"{what}: state '{key}' has dtype {value.dtype}, expected dense "
+                            "floating-point moments (or 8-bit codes with their scales)")
+        _distributed.check_local_layout(what, key, param, value)
+
+
+def _check_present(what: str, state: dict, keys) -> None:
+    for key in keys:
+        if key not in state:
+            raise KeyError(f"{what}: optimizer state has no '{key}' (was the state_dict saved by "
+                           "an optimizer with other settings?)")
+
+
+def _check_like_param(what: str, key: str, value, param: Tensor) -> None:
+    """Raise unless the state entry is a tensor of the param's shape on its device."""
+    if not isinstance(value, Tensor):
+        raise TypeError(f"{what}: state '{key}' is {type(value).__name__}, expected a tensor")
+    if value.shape != param.shape:
+        raise ValueError(f"{what}: state '{key}' has shape {tuple(value.shape)}, expected "
+                         f"{tuple(param.shape)}")
+    if value.device != param.device:
+        raise RuntimeError(f"{what}: state '{key}' is on {value.device}, expected "
+                           f"{param.device}")
 
 
 def check_no_overlap(tensors, names) -> None:

@@ -335,6 +335,8 @@ class _FusedAdamBase(torch.optim.Optimizer):
                 if adopted is not state:
                     state = new_states[param] = adopted
                 # dense moments (a checkpoint, or int8 switched on) into 8-bit codes, or back
+                if precision.quantized and "exp_avg_scale" not in state:
+                    _validation.check_dense_moments(gi, pi, param, state)
                 moments = _quantize.convert(param, state, precision.quantized,
                                             precision.state_dtype)
                 if moments is not state:
@@ -445,8 +447,13 @@ def _adopt_loaded_state(group_index: int, position: int, param: Tensor, state: d
     if precision.extra_key:
         dtypes[precision.extra_key] = precision.extra_dtype(param.dtype)
 
+    # 8-bit codes and their scales describe this rank's blocks together: redistributed codes
+    # would no longer match their scales (the plan's checks refuse ones that do not fit)
+    as_held = ("step",) + (("exp_avg", "exp_avg_sq") + _quantize.SCALE_KEYS
+                           if "exp_avg_scale" in state else ())
+
     def adopt(key, value):
-        if key == "step" or not isinstance(value, Tensor):
+        if key in as_held or not isinstance(value, Tensor):
             return value
         value = _distributed.adopt_state(what, key, param, value)
         dtype = dtypes.get(key, value.dtype)
