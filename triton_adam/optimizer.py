@@ -57,8 +57,10 @@ _COMMON_DOC = """
             "int8": blockwise 8-bit moments (int8 / uint8 codes and a float32 scale per 256
             elements, about 2.03 bytes per param instead of 8; see ``triton_adam._quantize``)
             for params of at least ``min_quantized_numel`` elements, float32 moments for
-            smaller ones; ``state_dict()`` holds dense float32 moments (torch's form). Not yet
-            with amsgrad, the precision rungs, DTensor params or torch.compile.
+            smaller ones; ``state_dict()`` holds dense float32 moments (torch's form). DTensor
+            params are quantised in blocks of each rank's local shard (the codes DTensors, the
+            scales plain local tensors; quantised or not by the whole param's numel). Not yet
+            with amsgrad, the precision rungs or torch.compile.
         min_quantized_numel (int): with state_dtype="int8", params with fewer elements keep
             float32 moments (default 4096: biases and norms).
         master_weights (bool or "compact"): for bfloat16/float16 params, step a float32 master
