@@ -516,13 +516,23 @@ def dcp_save(rank, world_size, shared_dir):
         assert full == {}, "cpu_offload + full_state_dict gives ranks other than 0 nothing"
 
 
+def _dcp_load(model, opt, checkpoint_id):
+    """Load a DCP checkpoint into ``model`` and ``opt`` through their own state dicts (the
+    templates DCP reshards into)."""
+    import torch.distributed.checkpoint as dcp
+    from torch.distributed.checkpoint.state_dict import get_state_dict, set_state_dict
+
+    model_sd, optim_sd = get_state_dict(model, opt)
+    state = {"model": model_sd, "optim": optim_sd}
+    dcp.load(state, checkpoint_id=checkpoint_id)
+    set_state_dict(model, opt, model_state_dict=state["model"], optim_state_dict=state["optim"])
+
+
 def dcp_load_and_reshard(rank, world_size, shared_dir):
     """Load the 2-rank checkpoint on this world size, through DCP and through a full state
     dict broadcast from rank 0; the full state equals the saved one, and one more step equals
     torch's AdamW loaded from the same checkpoint."""
-    import torch.distributed.checkpoint as dcp
-    from torch.distributed.checkpoint.state_dict import (StateDictOptions, get_state_dict,
-                                                         set_optimizer_state_dict, set_state_dict)
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, set_optimizer_state_dict
     saved = torch.load(os.path.join(shared_dir, "full.pt"), weights_only=False)
     for backend in BACKENDS:
         models, opts = [], []
@@ -532,11 +542,7 @@ def dcp_load_and_reshard(rank, world_size, shared_dir):
                                                   fused=True)):
             model = _sharded_model(seed=99)  # other weights: the load must overwrite them
             opt = make(model.parameters())
-            model_sd, optim_sd = get_state_dict(model, opt)
-            state = {"model": model_sd, "optim": optim_sd}
-            dcp.load(state, checkpoint_id=os.path.join(shared_dir, "ckpt"))
-            set_state_dict(model, opt, model_state_dict=state["model"],
-                           optim_state_dict=state["optim"])
+            _dcp_load(model, opt, os.path.join(shared_dir, "ckpt"))
             models.append(model)
             opts.append(opt)
         full = _full_optimizer_state(models[0], opts[0])
@@ -563,6 +569,165 @@ def dcp_load_and_reshard(rank, world_size, shared_dir):
             o.step()
         assert_states_match(opts[0], opts[1], list(models[0].parameters()),
                             list(models[1].parameters()), "triton", f"{backend} after load: ")
+
+
+# --- 8-bit states (state_dtype="int8") ---------------------------------------------------------
+
+class _AroundTheQuantizedMinimum(nn.Module):
+    """Params around min_quantized_numel (4096) under fully_shard on 2 ranks: ``big`` (65 x 64 =
+    4160) has shards of 33 and 32 rows (2112 elements, ending in a partial block, and 2048),
+    both under 4096 and quantised all the same; ``row`` (1 x 4100) leaves rank 1 an empty
+    shard; ``small`` (7 x 5) keeps float32 moments."""
+
+    def __init__(self, seed):
+        super().__init__()
+        generator = torch.Generator().manual_seed(seed)
+        self.big = nn.Parameter(torch.randn(65, 64, generator=generator))
+        self.row = nn.Parameter(torch.randn(1, 4100, generator=generator))
+        self.small = nn.Parameter(torch.randn(7, 5, generator=generator))
+
+
+def _int8_model(seed):
+    model = _AroundTheQuantizedMinimum(seed)
+    fully_shard(model)
+    return model
+
+
+INT8 = dict(lr=0.05, weight_decay=0.1, state_dtype="int8")
+
+
+def _plain_int8_twin(params, backend):
+    """This rank's local shards as plain params, with an int8 optimizer quantising those whose
+    whole (global) param is quantised: the reference for the shards' blocks."""
+    twins = [nn.Parameter(local(p).detach().clone()) for p in params]
+    big = [q for p, q in zip(params, twins) if p.numel() >= 4096]
+    rest = [q for p, q in zip(params, twins) if p.numel() < 4096]
+    ref = triton_adam.AdamW([{"params": big, "min_quantized_numel": 0},
+                             {"params": rest, "min_quantized_numel": 4096}],
+                            backend=backend, **INT8)
+    return twins, ref
+
+
+def _step_with_local_grads(opt, params, ref, twins, seed):
+    """One step of both with the same fresh random local grads."""
+    generator = torch.Generator().manual_seed(seed)
+    for p, q in zip(params, twins):
+        g = torch.randn(local(p).shape, generator=generator)
+        p.grad = DTensor.from_local(g.clone(), p.device_mesh, p.placements, shape=p.shape,
+                                    stride=p.stride())
+        q.grad = g
+    opt.step()
+    ref.step()
+
+
+def _assert_int8_twins(opt, params, ref, twins, what):
+    """Local params, codes, scales and steps bit for bit the plain twins'; the codes DTensors
+    with the param's placements, the scales plain tensors of this rank's blocks."""
+    from triton_adam import _quantize
+
+    for i, (p, q) in enumerate(zip(params, twins)):
+        assert torch.equal(local(p), q), f"{what}param {i}"
+        s, r = opt.state[p], ref.state[q]
+        assert set(s) == set(r), f"{what}param {i}: {sorted(s)} vs {sorted(r)}"
+        for key, value in r.items():
+            if key in ("exp_avg", "exp_avg_sq"):
+                assert isinstance(s[key], DTensor) and s[key].placements == p.placements
+            elif key != "step":
+                assert type(s[key]) is torch.Tensor, f"{what}param {i} {key}"
+                assert s[key].shape == (_quantize.n_blocks(local(p).numel()),)
+            assert torch.equal(local(s[key]), value), f"{what}param {i} {key}"
+
+
+def int8_states_on_fsdp2(rank, world_size, shared_dir):
+    """int8 states of FSDP2 params: each rank's local params, codes and scales are bit for bit
+    those of its local shards stepped as plain tensors (the blocks are the local shard's, in
+    memory order); whether a param is quantised is decided on its global numel; state_dict()
+    holds the decoded moments as float32 DTensors; state_bytes() counts local shards; the
+    backends agree bit for bit."""
+    from triton_adam import _quantize
+
+    held = {}
+    for backend in BACKENDS:
+        model = _int8_model(seed=6)
+        params = list(model.parameters())
+        opt = triton_adam.AdamW(params, backend=backend, **INT8)
+        twins, ref = _plain_int8_twin(params, backend)
+        for step in range(STEPS):
+            _step_with_local_grads(opt, params, ref, twins, seed=100 * step + rank)
+        _assert_int8_twins(opt, params, ref, twins, f"{backend}: ")
+        big, row, small = (opt.state[p] for p in params)
+        assert local(big["exp_avg"]).numel() < 4096 and big["exp_avg"].dtype == torch.int8
+        assert row["exp_avg_sq"].dtype == torch.uint8 and small["exp_avg"].dtype == torch.float32
+        if world_size == 2:
+            assert local(row["exp_avg"]).shape == ((1, 4100), (0, 4100))[rank]
+        numel = local(params[0]).numel()
+        assert opt.state_bytes(per_param=True)[params[0]] == \
+            2 * numel + 8 * _quantize.n_blocks(numel)
+        saved = opt.state_dict()["state"][0]
+        assert isinstance(saved["exp_avg"], DTensor) and saved["exp_avg"].dtype == torch.float32
+        assert saved["exp_avg"].placements == params[0].placements
+        decoded = _quantize.decode_exp_avg(local(big["exp_avg"]).flatten(), big["exp_avg_scale"])
+        assert torch.equal(local(saved["exp_avg"]).flatten(), decoded)
+        held[backend] = [[local(p).clone()] + [local(t).clone() for t in opt.state[p].values()]
+                         for p in params[:2]]
+    for torch_side, triton_side in zip(held["torch"], held["triton"]):
+        assert all(torch.equal(a, b) for a, b in zip(torch_side, triton_side)), "backends"
+
+
+def int8_dcp_save(rank, world_size, shared_dir):
+    """Train int8 states 3 steps on 2 ranks and save: DCP (the moments dense float32
+    DTensors) and the full optimizer state (rank 0, torch.save)."""
+    import torch.distributed.checkpoint as dcp
+    from torch.distributed.checkpoint.state_dict import get_state_dict
+
+    model = _int8_model(seed=7)
+    params = list(model.parameters())
+    opt = triton_adam.AdamW(params, backend="triton", **INT8)
+    twins, ref = _plain_int8_twin(params, "triton")
+    for step in range(STEPS):
+        _step_with_local_grads(opt, params, ref, twins, seed=10 * step + rank)
+    model_sd, optim_sd = get_state_dict(model, opt)
+    for state in optim_sd["state"].values():
+        for key in ("exp_avg", "exp_avg_sq"):
+            assert isinstance(state[key], DTensor) and state[key].dtype == torch.float32
+    dcp.save({"model": model_sd, "optim": optim_sd},
+             checkpoint_id=os.path.join(shared_dir, "ckpt-int8"))
+    full = _full_optimizer_state(model, opt)
+    if rank == 0:
+        torch.save(full, os.path.join(shared_dir, "full-int8.pt"))
+
+
+def int8_dcp_load_and_reshard(rank, world_size, shared_dir):
+    """Load the 2-rank int8 checkpoint on this world size (other shards, so other blocks):
+    the loaded dense moments equal the saved ones, torch's AdamW loads the same checkpoint,
+    and the next steps quantise them into this rank's blocks, bit for bit as this rank's
+    shards stepped as plain tensors from the same dense moments."""
+    saved = torch.load(os.path.join(shared_dir, "full-int8.pt"), weights_only=False)
+
+    def load(make):
+        model = _int8_model(seed=97)  # other weights: the load must overwrite them
+        opt = make(model.parameters())
+        _dcp_load(model, opt, os.path.join(shared_dir, "ckpt-int8"))
+        return model, opt
+
+    torch_model, torch_opt = load(lambda ps: torch.optim.AdamW(ps, lr=0.05, weight_decay=0.1))
+    theirs = list(torch_model.parameters())
+    for backend in BACKENDS:
+        model, opt = load(lambda ps: triton_adam.AdamW(ps, backend=backend, **INT8))
+        params = list(model.parameters())
+        full = _full_optimizer_state(model, opt)  # a collective: every rank joins
+        if rank == 0:
+            _assert_state_dicts_equal(full, saved, f"{backend} DCP load")
+        twins, ref = _plain_int8_twin(params, backend)
+        for p, q, t in zip(params, twins, theirs):
+            state = opt.state[p]
+            assert state["exp_avg"].dtype == torch.float32  # quantised at the next step
+            assert torch.equal(local(state["exp_avg"]), local(torch_opt.state[t]["exp_avg"]))
+            ref.state[q] = {key: local(value).clone() for key, value in state.items()}
+        for step in range(2):
+            _step_with_local_grads(opt, params, ref, twins, seed=10 * step + rank)
+        assert opt.state[params[0]]["exp_avg"].dtype == torch.int8
+        _assert_int8_twins(opt, params, ref, twins, f"{backend} after load: ")
 
 
 # --- DDP and ZeRO ------------------------------------------------------------------------------

@@ -3,8 +3,8 @@
 The scenarios (tests/dist_scenarios.py) run in spawned worlds of 1 to 4 processes talking over
 loopback; each world runs its scenarios in one set of processes, with both backends (torch's
 fused kernels and the Triton kernels through the interpreter), against torch's fused AdamW/Adam
-in the same set-up. A checkpoint saved by the 2-process world is loaded by a 1- and a 3-process
-world (resharding).
+in the same set-up (int8 states: against each rank's local shards stepped as plain tensors).
+Checkpoints saved by the 2-process world are loaded by a 1- and a 3-process world (resharding).
 """
 import tempfile
 
@@ -35,10 +35,14 @@ WORLD_2 = [
     "ddp_bucket_views_and_set_to_none",
     "zero_redundancy_with_an_empty_rank",
     "readme_fsdp2_example",
-    "dcp_save",  # last: the load worlds below read what it wrote
+    "int8_states_on_fsdp2",
+    # the saves last: the load worlds below read what they wrote
+    "int8_dcp_save",
+    "dcp_save",
 ]
 WORLD_4 = ["hsdp_matches_torch_and_clips", "fsdp_tp_matches_torch_and_clips"]
-LOAD = ["dcp_load_and_reshard"]
+# each load scenario: the 2-rank save it reads
+LOAD = {"dcp_load_and_reshard": "dcp_save", "int8_dcp_load_and_reshard": "int8_dcp_save"}
 
 
 @pytest.fixture(scope="module")
@@ -69,11 +73,17 @@ def test_four_ranks(world_4, scenario):
     assert not problems, problems
 
 
-@pytest.mark.parametrize("world_size", [1, 3])
-def test_checkpoint_saved_on_two_ranks_loads_on(world_2, checkpoint_dir, world_size):
-    assert not failures(world_2, "dcp_save", 2), "the 2-rank save failed"
-    outcome = run_world(world_size, MODULE, LOAD, checkpoint_dir)
-    problems = failures(outcome, LOAD[0], world_size)
+@pytest.fixture(scope="module", params=[1, 3], ids=lambda n: f"{n}ranks")
+def load_world(request, world_2, checkpoint_dir):
+    """(world size, outcome): every load scenario in one world of that size."""
+    return request.param, run_world(request.param, MODULE, list(LOAD), checkpoint_dir)
+
+
+@pytest.mark.parametrize("scenario", list(LOAD))
+def test_checkpoint_saved_on_two_ranks_loads_on(world_2, load_world, scenario):
+    world_size, outcome = load_world
+    assert not failures(world_2, LOAD[scenario], 2), f"the 2-rank {LOAD[scenario]} failed"
+    problems = failures(outcome, scenario, world_size)
     assert not problems, problems
 
 

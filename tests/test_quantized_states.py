@@ -322,11 +322,7 @@ def test_memory_per_param(name, per_param):
     assert opt.state_bytes() == (1 << 16) * per_param  # int8, fp8: 2.03 B; int4: 1.06 B
 
 
-def test_under_compile_and_for_dtensor_params_int8_is_refused_clearly():
-    import torch.distributed as dist
-    from torch.distributed.fsdp import fully_shard
-    from torch.testing._internal.distributed.fake_pg import FakeStore
-
+def test_under_compile_int8_is_refused_clearly():
     p = torch.nn.Parameter(torch.ones(5000))
     opt = triton_adam.AdamW([p], state_dtype="int8", backend="torch")
     p.grad = torch.ones_like(p)
@@ -335,15 +331,52 @@ def test_under_compile_and_for_dtensor_params_int8_is_refused_clearly():
         torch.compile(opt.step, backend="aot_eager", fullgraph=True)()
     torch._dynamo.reset()
     assert not opt.state
+
+
+@pytest.mark.parametrize("case,error,match", [
+    ("a moment of another shape", ValueError, "has shape"),
+    ("a moment sharded otherwise", ValueError, "local shard"),
+    ("codes sharded otherwise", ValueError, "local shard"),
+    ("a scale held as a DTensor", TypeError, "plain tensor"),
+])
+def test_bad_state_of_a_dtensor_param_is_refused_before_anything_changes(case, error, match):
+    """Rank 0 of a 2-rank FSDP2 world on the fake process group (shapes only): loaded dense
+    moments are checked before they are quantised into the local shard's blocks, and held
+    codes and scales must be this rank's."""
+    import torch.distributed as dist
+    from torch.distributed.fsdp import fully_shard
+    from torch.distributed.tensor import DTensor, Replicate
+    from torch.testing._internal.distributed.fake_pg import FakeStore
+
     dist.init_process_group("fake", store=FakeStore(), rank=0, world_size=2)
     try:
-        model = torch.nn.Linear(100, 100)
+        model = torch.nn.Linear(64, 65)
         fully_shard(model)
-        opt = triton_adam.AdamW(model.parameters(), state_dtype="int8", backend="torch")
+        weight = model.weight
+        mesh = weight.device_mesh
+        opt = triton_adam.AdamW(model.parameters(), lr=0.1, state_dtype="int8", backend="torch")
         for q in model.parameters():
-            q.grad = torch.zeros_like(q)
-        with pytest.raises(NotImplementedError, match="DTensor"):
+            q.grad = torch.ones_like(q)
+        opt.step()
+        assert opt.state[weight]["exp_avg"].dtype == torch.int8  # 4160 elements, 2112 here
+        if "moment" in case:
+            saved = opt.state_dict()
+            saved["state"][0]["exp_avg"] = torch.zeros(3) if "shape" in case else \
+                DTensor.from_local(torch.zeros(5, 64), mesh, weight.placements,
+                                   run_check=False, shape=weight.shape, stride=weight.stride())
+            opt.load_state_dict(saved)
+        elif case.startswith("codes"):
+            opt.state[weight]["exp_avg"] = DTensor.from_local(
+                torch.zeros(65, 64, dtype=torch.int8), mesh, [Replicate()], run_check=False)
+        else:
+            opt.state[weight]["exp_avg_scale"] = DTensor.from_local(
+                opt.state[weight]["exp_avg_scale"], mesh, [Replicate()], run_check=False)
+        held = dict(opt.state[weight])
+        values = [q.to_local().clone() for q in model.parameters()]
+        with pytest.raises(error, match=match):
             opt.step()
-        assert not opt.state
+        assert all(torch.equal(q.to_local(), v) for q, v in zip(model.parameters(), values))
+        assert all(opt.state[weight][key] is value for key, value in held.items())
+        assert float(opt.state[weight]["step"]) == 1.0
     finally:
         dist.destroy_process_group()

@@ -76,10 +76,16 @@ def local_grad(param: Tensor, grad: Tensor, describe) -> Tensor:
 def zeros_like(param: Tensor, dtype=None) -> Tensor:
     """Zero state for ``param`` (in ``dtype``, default the param's): a DTensor with its mesh
     and placements for a DTensor param."""
+    return shaped_like(param, torch.zeros_like(local(param), dtype=dtype,
+                                               memory_format=torch.preserve_format))
+
+
+def shaped_like(param: Tensor, shard: Tensor) -> Tensor:
+    """State for ``param`` whose local shard is ``shard`` (laid out as the param's): a DTensor
+    with the param's mesh and placements for a DTensor param, ``shard`` itself otherwise."""
     if not is_dtensor(param):
-        return torch.zeros_like(param, dtype=dtype, memory_format=torch.preserve_format)
-    shard = torch.zeros_like(param._local_tensor, dtype=dtype,
-                             memory_format=torch.preserve_format)
+        return shard
+    # explicit shape and stride: shards are uneven, so the local shape does not give them
     return DTensor.from_local(shard, param.device_mesh, param.placements, run_check=False,
                               shape=param.shape, stride=param.stride())
 

@@ -407,7 +407,8 @@ class StepPlan:
                           precision.extra, precision.stochastic, precision.codes)
                 key = (backend, param.device, dtypes, amsgrad)
                 if backend == "torch":
-                    key = key + (gi, decoupled, maximize)
+                    # (codes and dense moments apart: torch's fused kernel takes the latter)
+                    key = key + (gi, decoupled, maximize, precision.quantized)
                 members_by_key.setdefault(key, []).append(member)
 
         by_device: dict = {}
@@ -614,17 +615,17 @@ def _check_state_layout(member: Member, amsgrad: bool) -> None:
     what = _validation.describe(member.group_index, member.position, member.param)
     keys = memory_keys(amsgrad, member.extra_key)
     fmt = member.precision.format
-    if fmt is not None:
-        # codes are blocked in memory order: a new layout is a new quantisation (packed int4
-        # codes are flat, in the param's memory order whatever its strides)
-        keys = (member.extra_key,) if member.extra_key else ()
-        if not fmt.packed and local(member.state["exp_avg"]).stride() != member.stride \
-                and member.numel > 1:
-            member.state.update(_quantize.quantized(
-                member.param, **_quantize.dense(member.param, member.state), fmt=fmt))
+    if fmt is not None and fmt.packed:
+        keys = (member.extra_key,) if member.extra_key else ()  # flat codes: no layout
+    for key in keys:  # codes included: their blocks are the local shard's
+        _distributed.check_local_layout(what, key, member.param, member.state[key])
+    if fmt is not None and not fmt.packed and member.numel > 1 \
+            and local(member.state["exp_avg"]).stride() != member.stride:
+        # codes are blocked in memory order: a new layout is a new quantisation
+        member.state.update(_quantize.quantized(
+            member.param, **_quantize.dense(member.param, member.state), fmt=fmt))
     for key in keys:
         value = member.state[key]
-        _distributed.check_local_layout(what, key, member.param, value)
         if local(value).stride() != member.stride and member.numel > 1:
             value = _distributed.zeros_like(member.param, value.dtype)
             local(value).copy_(local(member.state[key]))

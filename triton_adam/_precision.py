@@ -119,13 +119,16 @@ def of(group: dict, param: Tensor, what: str = "a param") -> Precision:
         if dtype not in (torch.float32,) + SIXTEEN_BIT:
             raise TypeError(f"{what}: state_dtype={codes!r} applies to float32, bfloat16 and "
                             f"float16 params, not {dtype}")
-        # small tensors (biases, norms) keep float32 moments, decided per param (a DTensor's
-        # numel is the whole param's, never a shard's)
+        # small tensors (biases, norms) keep float32 moments, decided per param on its whole
+        # numel (a DTensor's is the global one): every shard of a param is held alike, at any
+        # world size, and a small shard of a large param is still quantised
         small = param.numel() < group.get("min_quantized_numel", _quantize.MIN_QUANTIZED_NUMEL)
         state_dtype = torch.float32 if small else _quantize.FORMATS[codes].signed_dtype
-        if not small and _distributed.is_dtensor(param):
+        if not small and _quantize.FORMATS[codes].packed and _distributed.is_dtensor(param):
+            # int8/fp8 codes are DTensors shaped as the param; packed ones have no such shape
             raise NotImplementedError(f"{what}: state_dtype={codes!r} for DTensor (FSDP2) "
-                                      "params is not built yet")
+                                      "params is not built (its codes pack two elements a byte, "
+                                      "flat); use 'int8' or 'fp8'")
     if state_dtype is None:
         # a master's moments are float32 AdamW's; otherwise torch's rule, the param's dtype
         state_dtype = torch.float32 if extra in ("fp32", "remainder") else dtype

@@ -33,6 +33,9 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
+from . import _distributed
+from ._distributed import local
+
 MIN_QUANTIZED_NUMEL = 4096
 FP8_MAX = 448.0
 
@@ -198,9 +201,14 @@ def _codes_like(param: Tensor, dtype: torch.dtype, fmt: Format) -> Tensor:
 
 def zero_state(param: Tensor, fmt: Format | str = "int8", amsgrad: bool = False) -> dict:
     """Quantised moments of zero for ``param``: codes (param-shaped and laid out as the param,
-    or packed flat) and scales."""
+    or packed flat) and scales.
+
+    For a DTensor param the blocks are its local shard's, in memory order (as the kernels walk
+    it): the codes are DTensors with the param's placements, the scales plain local tensors
+    (they describe this rank's blocks only)."""
     fmt = FORMATS[fmt] if isinstance(fmt, str) else fmt
-    blocks = n_blocks(param.numel(), fmt)
+    shard = local(param)
+    blocks = n_blocks(shard.numel(), fmt)
     state = {}
     for key in MOMENT_KEYS[:3 if amsgrad else 2]:
         dtype = fmt.signed_dtype if key == "exp_avg" else fmt.unsigned_dtype
@@ -225,28 +233,33 @@ def _from_memory_order(flat: Tensor, like: Tensor) -> Tensor:
 
 def quantized(param: Tensor, exp_avg: Tensor, exp_avg_sq: Tensor,
               max_exp_avg_sq: Tensor | None = None, fmt: Format | str = "int8") -> dict:
-    """Dense moments of ``param`` as codes and scales (a new dict)."""
+    """Dense moments of ``param`` as codes and scales (a new dict); a DTensor param's local
+    shards are quantised (see zero_state)."""
     fmt = FORMATS[fmt] if isinstance(fmt, str) else fmt
+    shard = local(param)
     out = {}
     moments = (exp_avg, exp_avg_sq) + ((max_exp_avg_sq,) if max_exp_avg_sq is not None else ())
     for key, moment in zip(MOMENT_KEYS, moments):
         encode = encode_signed if key == "exp_avg" else encode_unsigned
-        codes, out[scale_key(key)] = encode(_memory_order(moment.float()), fmt)
-        out[key] = codes if fmt.packed else _from_memory_order(codes, param)
+        codes, out[scale_key(key)] = encode(_memory_order(local(moment).float()), fmt)
+        out[key] = codes if fmt.packed else _distributed.shaped_like(
+            param, _from_memory_order(codes, shard))
     return out
 
 
 def dense(param: Tensor, state: dict, dtype=torch.float32) -> dict:
-    """``state``'s quantised moments as dense ``dtype`` tensors laid out as the param."""
+    """``state``'s quantised moments as dense ``dtype`` tensors laid out as the param (DTensors
+    with its placements for a DTensor param, decoded from the local shards)."""
     fmt = format_of(state)
+    shard = local(param)
     out = {}
     for key in MOMENT_KEYS:
         if scale_key(key) not in state:
             continue
         decode = decode_signed if key == "exp_avg" else decode_unsigned
-        codes = state[key] if fmt.packed else _memory_order(state[key])
-        values = decode(codes, state[scale_key(key)], param.numel(), fmt)
-        out[key] = _from_memory_order(values, param).to(dtype)
+        codes = state[key] if fmt.packed else _memory_order(local(state[key]))
+        values = decode(codes, state[scale_key(key)], shard.numel(), fmt)
+        out[key] = _distributed.shaped_like(param, _from_memory_order(values, shard).to(dtype))
     return out
 
 

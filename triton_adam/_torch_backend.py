@@ -37,9 +37,9 @@ class TorchBucket:
         self.steps = [m.state["step"] for m in members]
         # quantised moments: each member's codes and scales (None: dense moments, as a
         # quantised group's small params have)
-        self.codes = [{key: m.state[key] for key in _quantize.MOMENT_KEYS + _quantize.SCALE_KEYS
-                       if key in m.state} if precision_of(m).quantized else None
-                      for m in members]
+        self.codes = [{key: m.flat(m.state[key])
+                       for key in _quantize.MOMENT_KEYS + _quantize.SCALE_KEYS if key in m.state}
+                      if precision_of(m).quantized else None for m in members]
         # moments held in another dtype than the params: torch's CPU fused kernel refuses that,
         # so these go through the float32 math, the Triton kernel's arithmetic
         self.mixed_state = any(m.state["exp_avg"].dtype != m.param.dtype for m in members)

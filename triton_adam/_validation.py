@@ -139,34 +139,61 @@ def check_state(group_index: int, position: int, param: Tensor, state: dict, ams
                 shapes[key] = torch.Size([_quantize.n_code_elements(numel, fmt)])
             scale = state.get(_quantize.scale_key(key))
             blocks = _quantize.n_blocks(numel, fmt)
-            if not (isinstance(scale, Tensor) and scale.dtype == torch.float32
-                    and tuple(scale.shape) == (blocks,) and scale.device == param.device):
-                raise TypeError(f"{what}: state '{_quantize.scale_key(key)}' must be {blocks} "
-                                f"float32 block scales on {param.device}, got {scale!r:.80}")
+            # a plain tensor also for a DTensor param: the scales of this rank's blocks
+            if not (isinstance(scale, Tensor) and not _distributed.is_dtensor(scale)
+                    and scale.dtype == torch.float32 and tuple(scale.shape) == (blocks,)
+                    and scale.device == param.device):
+                raise TypeError(f"{what}: state '{_quantize.scale_key(key)}' must be a plain "
+                                f"tensor of {blocks} float32 block scales on {param.device}, "
+                                f"got {scale!r:.80}")
     if precision.extra_key:
         keys.append(precision.extra_key)
         expected[precision.extra_key] = precision.extra_dtype(param.dtype)
-    for key in ["step"] + keys:
-        if key not in state:
-            raise KeyError(f"{what}: optimizer state has no '{key}' (was the state_dict saved by "
-                           "an optimizer with other settings?)")
+    _check_present(what, state, ["step"] + keys)
     step = state["step"]
     if not isinstance(step, Tensor) or step.numel() != 1:
         raise TypeError(f"{what}: state 'step' must be a 1-element tensor, got {step!r}")
     for key in keys:
         value = state[key]
-        if not isinstance(value, Tensor):
-            raise TypeError(f"{what}: state '{key}' is {type(value).__name__}, expected a tensor")
-        expected_shape = shapes.get(key, param.shape)
-        if value.shape != expected_shape:
-            raise ValueError(f"{what}: state '{key}' has shape {tuple(value.shape)}, expected "
-                             f"{tuple(expected_shape)}")
-        if value.device != param.device:
-            raise RuntimeError(f"{what}: state '{key}' is on {value.device}, expected "
-                               f"{param.device}")
+        _check_like_param(what, key, value, param, shapes.get(key))
         if value.dtype != expected[key]:
             raise TypeError(f"{what}: state '{key}' has dtype {value.dtype}, expected "
                             f"{expected[key]}")
+
+
+def check_dense_moments(group_index: int, position: int, param: Tensor, state: dict) -> None:
+    """Raise if loaded dense moments, about to be quantised into 8-bit codes of ``param``'s
+    blocks (its local shard's for a DTensor), cannot be its moments."""
+    what = describe(group_index, position, param)
+    _check_present(what, state, ("exp_avg", "exp_avg_sq"))
+    for key in ("exp_avg", "exp_avg_sq"):
+        value = state[key]
+        _check_like_param(what, key, value, param)
+        if not value.is_floating_point():
+            raise TypeError(f"{what}: state '{key}' has dtype {value.dtype}, expected dense "
+                            "floating-point moments (or 8-bit codes with their scales)")
+        _distributed.check_local_layout(what, key, param, value)
+
+
+def _check_present(what: str, state: dict, keys) -> None:
+    for key in keys:
+        if key not in state:
+            raise KeyError(f"{what}: optimizer state has no '{key}' (was the state_dict saved by "
+                           "an optimizer with other settings?)")
+
+
+def _check_like_param(what: str, key: str, value, param: Tensor, shape=None) -> None:
+    """Raise unless the state entry is a tensor of the param's shape (or ``shape``: packed
+    codes) on its device."""
+    shape = param.shape if shape is None else shape
+    if not isinstance(value, Tensor):
+        raise TypeError(f"{what}: state '{key}' is {type(value).__name__}, expected a tensor")
+    if value.shape != shape:
+        raise ValueError(f"{what}: state '{key}' has shape {tuple(value.shape)}, expected "
+                         f"{tuple(shape)}")
+    if value.device != param.device:
+        raise RuntimeError(f"{what}: state '{key}' is on {value.device}, expected "
+                           f"{param.device}")
 
 
 def check_no_overlap(tensors, names) -> None:

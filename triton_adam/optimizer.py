@@ -57,8 +57,10 @@ _COMMON_DOC = """
             "int8": blockwise 8-bit moments (int8 / uint8 codes and a float32 scale per 256
             elements, about 2.03 bytes per param instead of 8; see ``triton_adam._quantize``)
             for params of at least ``min_quantized_numel`` elements, float32 moments for
-            smaller ones; ``state_dict()`` holds dense float32 moments (torch's form). Not yet
-            with amsgrad, the precision rungs, DTensor params or torch.compile.
+            smaller ones; ``state_dict()`` holds dense float32 moments (torch's form). DTensor
+            params are quantised in blocks of each rank's local shard (the codes DTensors, the
+            scales plain local tensors; quantised or not by the whole param's numel). Not yet
+            with amsgrad, the precision rungs or torch.compile.
         min_quantized_numel (int): with state_dtype="int8", params with fewer elements keep
             float32 moments (default 4096: biases and norms).
         master_weights (bool or "compact"): for bfloat16/float16 params, step a float32 master
@@ -335,6 +337,8 @@ class _FusedAdamBase(torch.optim.Optimizer):
                 if adopted is not state:
                     state = new_states[param] = adopted
                 # dense moments (a checkpoint, or codes switched on) into codes, or back
+                if precision.quantized and "exp_avg_scale" not in state:
+                    _validation.check_dense_moments(gi, pi, param, state)
                 moments = _quantize.convert(param, state, precision.format,
                                             precision.dense_dtype)
                 if moments is not state:
@@ -451,8 +455,13 @@ def _adopt_loaded_state(group_index: int, position: int, param: Tensor, state: d
     if precision.extra_key:
         dtypes[precision.extra_key] = precision.extra_dtype(param.dtype)
 
+    # 8-bit codes and their scales describe this rank's blocks together: redistributed codes
+    # would no longer match their scales (the plan's checks refuse ones that do not fit)
+    as_held = ("step",) + (("exp_avg", "exp_avg_sq") + _quantize.SCALE_KEYS
+                           if "exp_avg_scale" in state else ())
+
     def adopt(key, value):
-        if key == "step" or not isinstance(value, Tensor):
+        if key in as_held or not isinstance(value, Tensor):
             return value
         value = _distributed.adopt_state(what, key, param, value)
         dtype = dtypes.get(key, value.dtype)
