@@ -184,6 +184,31 @@ def test_state_dict_is_dense_and_loads_both_ways_with_torch(device, backend):
     assert opt3.state[loaded[0]]["exp_avg"].dtype == torch.int8
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
+def test_a_torch_checkpoint_quantises_to_its_own_moments(dtype):
+    """torch.optim.AdamW's moments, saved from a param laid out otherwise (the codes follow
+    the new param's memory order), are quantised at the first step: what the step decodes and
+    updates is torch's moments, to the codes' error."""
+    generator = torch.Generator().manual_seed(11)
+    source = torch.nn.Parameter(torch.randn(64, 70, generator=generator).t().to(dtype))
+    reference = torch.optim.AdamW([source], lr=1e-2)
+    source.grad = torch.randn(source.shape, generator=generator).to(dtype)
+    reference.step()
+    m0, v0 = (reference.state[source][k].float() for k in ("exp_avg", "exp_avg_sq"))
+    p = torch.nn.Parameter(source.detach().contiguous())
+    opt = triton_adam.AdamW([p], lr=1e-2, backend="torch", state_dtype="int8")
+    opt.load_state_dict(copy.deepcopy(reference.state_dict()))
+    p.grad = torch.randn(p.shape, generator=generator).to(dtype)
+    opt.step()
+    g = p.grad.float()
+    held = opt.state_dict()["state"][0]
+    m, v = 0.9 * m0 + 0.1 * g, 0.999 * v0 + 0.001 * g * g
+    # two quantisations (on load, after the update), each within a code of the block's scale
+    torch.testing.assert_close(held["exp_avg"], m, rtol=0, atol=float(m.abs().max()) * 2 / 127)
+    torch.testing.assert_close(held["exp_avg_sq"].sqrt(), v.sqrt(), rtol=0,
+                               atol=float(v.sqrt().max()) * 3 / 255)
+
+
 def test_memory_is_about_two_bytes_per_param():
     p = torch.nn.Parameter(torch.randn(1 << 16))
     opt = triton_adam.AdamW([p], state_dtype="int8")

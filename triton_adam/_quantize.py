@@ -101,10 +101,19 @@ def _from_memory_order(flat: Tensor, like: Tensor) -> Tensor:
     return out
 
 
+def laid_out_as(tensor: Tensor, param: Tensor) -> Tensor:
+    """``tensor`` (param-shaped) with ``param``'s strides: itself when it has them, else a
+    copy. The codes are blocked in memory order, so dense moments laid out otherwise (a
+    checkpoint saved from a param with other strides) must be re-laid before encoding."""
+    if tensor.stride() == param.stride() or tensor.numel() <= 1:
+        return tensor
+    return torch.empty_like(param, dtype=tensor.dtype).copy_(tensor)
+
+
 def quantized(param: Tensor, exp_avg: Tensor, exp_avg_sq: Tensor) -> dict:
     """Dense moments of ``param`` as 8-bit codes and scales (a new dict of four tensors)."""
-    m_codes, m_scale = encode_exp_avg(_memory_order(exp_avg.float()))
-    v_codes, v_scale = encode_exp_avg_sq(_memory_order(exp_avg_sq.float()))
+    m_codes, m_scale = encode_exp_avg(_memory_order(laid_out_as(exp_avg.float(), param)))
+    v_codes, v_scale = encode_exp_avg_sq(_memory_order(laid_out_as(exp_avg_sq.float(), param)))
     return {"exp_avg": _from_memory_order(m_codes, param),
             "exp_avg_sq": _from_memory_order(v_codes, param),
             "exp_avg_scale": m_scale, "exp_avg_sq_scale": v_scale}
@@ -114,8 +123,10 @@ def dense(param: Tensor, state: dict, dtype=torch.float32) -> dict:
     """``state``'s 8-bit moments as dense ``dtype`` tensors laid out as the param."""
     m = decode_exp_avg(_memory_order(state["exp_avg"]), state["exp_avg_scale"])
     v = decode_exp_avg_sq(_memory_order(state["exp_avg_sq"]), state["exp_avg_sq_scale"])
-    return {"exp_avg": _from_memory_order(m, param).to(dtype),
-            "exp_avg_sq": _from_memory_order(v, param).to(dtype)}
+    # decoded in the codes' own layout (a loaded state's may not be the param's)
+    return {"exp_avg": laid_out_as(_from_memory_order(m, state["exp_avg"]).to(dtype), param),
+            "exp_avg_sq": laid_out_as(_from_memory_order(v, state["exp_avg_sq"]).to(dtype),
+                                      param)}
 
 
 def convert(param: Tensor, state: dict, quantize: bool, dtype=None) -> dict:
