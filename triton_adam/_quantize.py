@@ -76,6 +76,17 @@ def decode_exp_avg_sq(codes: Tensor, scale: Tensor) -> Tensor:
 SCALE_KEYS = ("exp_avg_scale", "exp_avg_sq_scale")
 
 
+def scale_keys(state: dict) -> tuple:
+    """The block-scale keys ``state`` holds, in ``SCALE_KEYS`` order (none: dense moments)."""
+    return tuple(key for key in SCALE_KEYS if key in state)
+
+
+def is_quantized(state: dict) -> bool:
+    """``state`` holds its moments as codes with block scales (a live 8-bit state or a
+    compact state dict's)."""
+    return bool(scale_keys(state))
+
+
 def zero_state(param: Tensor) -> dict:
     """8-bit moments of zero for ``param``: codes shaped (and laid out) as the param, scales."""
     blocks = n_blocks(param.numel())

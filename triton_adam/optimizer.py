@@ -58,7 +58,7 @@ _COMMON_DOC = """
             elements, about 2.03 bytes per param instead of 8; see ``triton_adam._quantize``)
             for params of at least ``min_quantized_numel`` elements, float32 moments for
             smaller ones; ``state_dict()`` holds dense float32 moments (torch's form). Not yet
-            with amsgrad, the precision rungs, DTensor params or torch.compile.
+            with amsgrad, the precision rungs or DTensor params.
         min_quantized_numel (int): with state_dtype="int8", params with fewer elements keep
             float32 moments (default 4096: biases and norms).
         master_weights (bool or "compact"): for bfloat16/float16 params, step a float32 master
@@ -326,32 +326,12 @@ class _FusedAdamBase(torch.optim.Optimizer):
                 if grad is None:
                     continue
                 state = self.state.get(param)
-                what = _validation.describe(gi, pi, param)
-                precision = _precision.of(group, param, what)
-                if not state:
-                    state = new_states[param] = _initial_state(param, group["amsgrad"],
-                                                               precision)
-                adopted = _adopt_loaded_state(gi, pi, param, state, precision)
-                if adopted is not state:
-                    state = new_states[param] = adopted
-                # dense moments (a checkpoint, or int8 switched on) into 8-bit codes, or back
-                moments = _quantize.convert(param, state, precision.quantized,
-                                            precision.state_dtype)
-                if moments is not state:
-                    state = new_states[param] = moments
-                # a torch checkpoint, another mode's checkpoint, or a mode switched: the
-                # float32 value carried into this mode's form (see _precision.convert)
-                converted, rewrite = _precision.convert(param, state, precision)
-                if converted is not state:
-                    state = new_states[param] = converted
+                prepared, rewrite = prepared_state(gi, pi, param, group, state)
+                if prepared is not state:
+                    new_states[param] = prepared
                 if rewrite is not None:
                     rewrites.append((param, rewrite))
-                if group["amsgrad"] and "max_exp_avg_sq" not in state:
-                    # amsgrad switched on mid-training: start its maximum from zero.
-                    state = new_states[param] = dict(
-                        state, max_exp_avg_sq=_distributed.zeros_like(param,
-                                                                      precision.state_dtype))
-                states[param] = state
+                states[param] = prepared
         plan = StepPlan(self, grads_by_group, states, signature)
         for param, state in new_states.items():
             self.state[param] = state
@@ -430,6 +410,35 @@ def _initial_state(param: Tensor, amsgrad: bool, precision) -> dict:
             state[key] = _distributed.zeros_like(param, precision.state_dtype)
     state, _ = _precision.convert(param, state, precision)
     return state
+
+
+def prepared_state(group_index: int, position: int, param: Tensor, group: dict, state):
+    """``param``'s state as a step of ``group`` holds it: created if missing; a loaded one
+    adopted, its moments quantised or decoded and its extra state converted to the group's
+    storage; amsgrad's maximum added. Returns (``state`` itself, or a new dict: nothing is
+    stored here; bits to write into the param, or None). An eager step and a compiled one
+    (``_compile.init_group``) prepare states alike through this.
+    """
+    what = _validation.describe(group_index, position, param)
+    precision = _precision.of(group, param, what)
+    if not state:
+        state = _initial_state(param, group["amsgrad"], precision)
+    state = _adopt_loaded_state(group_index, position, param, state, precision)
+    # dense moments (a checkpoint, or int8 switched on) into 8-bit codes, or codes (a compact
+    # checkpoint, or another storage) back to dense ones
+    try:
+        state = _quantize.convert(param, state, precision.quantized, precision.state_dtype)
+    except (RuntimeError, ValueError, KeyError) as error:
+        raise ValueError(f"{what}: its loaded moments cannot be converted to its storage "
+                         f"(a state dict saved for another param?): {error}") from error
+    # a torch checkpoint, another mode's checkpoint, or a mode switched: the float32 value
+    # carried into this mode's form (see _precision.convert)
+    state, rewrite = _precision.convert(param, state, precision)
+    if group["amsgrad"] and "max_exp_avg_sq" not in state:
+        # amsgrad switched on mid-training: start its maximum from zero.
+        state = dict(state, max_exp_avg_sq=_distributed.zeros_like(param,
+                                                                   precision.state_dtype))
+    return state, rewrite
 
 
 def _adopt_loaded_state(group_index: int, position: int, param: Tensor, state: dict,
