@@ -330,7 +330,7 @@ def test_int8_states_compile_and_match_eager(backend, compiler):
     assert opt.state[params[0]]["step"].item() == 3.0
 
 
-@pytest.mark.parametrize("saved", ["torch"])
+@pytest.mark.parametrize("saved", ["torch", "compact"])
 def test_int8_compiled_from_a_loaded_checkpoint_matches_eager(saved):
     """The traced ``init_group`` converts a loaded state as an eager step does: a dense torch
     checkpoint into codes; a compact one saved from params laid out otherwise re-laid (and so

@@ -1,5 +1,6 @@
 """state_dtype="int8": blockwise 8-bit moments (triton_adam/_quantize.py) in the one launch."""
 import copy
+import io
 
 import numpy as np
 import pytest
@@ -184,6 +185,96 @@ def test_state_dict_is_dense_and_loads_both_ways_with_torch(device, backend):
     assert opt3.state[loaded[0]]["exp_avg"].dtype == torch.int8
 
 
+def _through_a_file(state_dict):
+    """``state_dict`` written by torch.save and read back (weights only) onto the CPU, wherever
+    it was saved from: (what was read, the bytes written)."""
+    buffer = io.BytesIO()
+    torch.save(state_dict, buffer)
+    size = buffer.tell()
+    buffer.seek(0)
+    return torch.load(buffer, map_location="cpu", weights_only=True), size
+
+
+def _continue(params, opt, seed, steps=2):
+    generator = torch.Generator().manual_seed(seed)
+    for _ in range(steps):
+        for p in params:
+            p.grad = torch.randn(p.shape, generator=generator).to(p.dtype).to(p.device)
+        opt.step()
+
+
+def _assert_same_run(params_a, opt_a, params_b, opt_b):
+    for i, (p, q) in enumerate(zip(params_a, params_b)):
+        assert torch.equal(p, q), i
+        assert opt_a.state[p].keys() == opt_b.state[q].keys(), i
+        for key, value in opt_a.state[p].items():
+            other = opt_b.state[q][key]
+            assert value.dtype == other.dtype and torch.equal(value, other), (i, key)
+
+
+@pytest.mark.parametrize("compact,dtype", [(True, torch.float32), (True, torch.bfloat16),
+                                           (False, torch.bfloat16)],
+                         ids=["compact-fp32", "compact-bf16", "dense-bf16"])
+@pytest.mark.parametrize("device,backend", DEVICE_BACKENDS)
+def test_a_checkpoint_through_a_file_continues_bit_identically(device, backend, compact, dtype):
+    """A run resumed from a checkpoint (torch.save, torch.load onto the CPU, loaded into the
+    device's params) gives the uninterrupted run's bits. A compact one holds the live codes and scales under the live
+    keys, and loading keeps their dtypes (torch's loader would turn codes into floats and
+    round a bfloat16 param's scales); a dense one's float32 moments quantise to the same
+    codes again."""
+    params, opt = run(backend, device, dtype)
+    saved = opt.state_dict(compact=compact)
+    for index, p in enumerate(params):
+        live, written = opt.state[p], saved["state"][index]
+        if compact:
+            assert written.keys() == live.keys()
+            assert all(torch.equal(written[k], v) and written[k].dtype == v.dtype
+                       for k, v in live.items())
+        else:
+            assert written.keys() == {"step", "exp_avg", "exp_avg_sq"}
+            assert written["exp_avg"].dtype == torch.float32
+    loaded, _ = _through_a_file(saved)
+    resumed = [torch.nn.Parameter(p.detach().clone()) for p in params]
+    opt2 = triton_adam.AdamW(resumed, lr=1e-2, backend=backend, state_dtype="int8")
+    opt2.load_state_dict(loaded)
+    if compact:  # as saved before any step converts anything
+        _assert_same_run(params, opt, resumed, opt2)
+    _continue(params, opt, seed=7)
+    _continue(resumed, opt2, seed=7)
+    _assert_same_run(params, opt, resumed, opt2)
+    assert opt2.state[resumed[0]]["exp_avg_scale"].dtype == torch.float32
+
+
+@pytest.mark.parametrize("target", ["fp32-moments", "bf16-moments", "now-small", "relaid"])
+def test_a_compact_checkpoint_in_another_storage_becomes_what_a_dense_one_would(target):
+    """Where the param's storage differs (float32 or bfloat16 moments; int8, but the param now
+    under min_quantized_numel; int8 codes of a param now laid out otherwise), a compact
+    checkpoint is decoded (and re-quantised) at the next step: exactly what loading the dense
+    checkpoint of the same state gives."""
+    params, opt = run("torch", "cpu")
+    options = {"fp32-moments": dict(state_dtype=None),
+               "bf16-moments": dict(state_dtype=torch.bfloat16),
+               "now-small": dict(state_dtype="int8", min_quantized_numel=10**6),
+               "relaid": dict(state_dtype="int8")}[target]
+    resumed = []
+    for compact in (True, False):
+        copies = [torch.nn.Parameter(p.detach().clone()) for p in params]
+        if target == "relaid":
+            copies[1] = torch.nn.Parameter(copies[1].detach().contiguous())
+        opt2 = triton_adam.AdamW(copies, lr=1e-2, backend="torch", **options)
+        opt2.load_state_dict(copy.deepcopy(opt.state_dict(compact=compact)))
+        _continue(copies, opt2, seed=9)
+        resumed.append((copies, opt2))
+    (a, opt_a), (b, opt_b) = resumed
+    _assert_same_run(a, opt_a, b, opt_b)
+    held = opt_a.state[a[1]]
+    expected = {"fp32-moments": torch.float32, "bf16-moments": torch.bfloat16,
+                "now-small": torch.float32, "relaid": torch.int8}[target]
+    assert held["exp_avg"].dtype == expected
+    assert ("exp_avg_scale" in held) == (target == "relaid")
+    assert held["exp_avg"].stride() == a[1].stride()
+
+
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
 def test_a_torch_checkpoint_quantises_to_its_own_moments(dtype):
     """torch.optim.AdamW's moments, saved from a param laid out otherwise (the codes follow
@@ -207,6 +298,20 @@ def test_a_torch_checkpoint_quantises_to_its_own_moments(dtype):
     torch.testing.assert_close(held["exp_avg"], m, rtol=0, atol=float(m.abs().max()) * 2 / 127)
     torch.testing.assert_close(held["exp_avg_sq"].sqrt(), v.sqrt(), rtol=0,
                                atol=float(v.sqrt().max()) * 3 / 255)
+
+
+def test_a_compact_checkpoint_is_about_a_quarter_of_the_dense_one():
+    n = 1 << 16
+    p = torch.nn.Parameter(torch.randn(n))
+    opt = triton_adam.AdamW([p], state_dtype="int8", backend="torch")
+    p.grad = torch.randn_like(p)
+    opt.step()
+    _, dense = _through_a_file(opt.state_dict())
+    _, compact = _through_a_file(opt.state_dict(compact=True))
+    held = 2 * n + 2 * 4 * (n // BLOCK)  # codes, scales
+    assert 8 * n <= dense <= 8 * n + 4096  # + the container's few kB
+    assert held <= compact <= held + 4096
+    assert 0.25 < compact / dense < 0.26
 
 
 def test_memory_is_about_two_bytes_per_param():
@@ -247,3 +352,24 @@ def test_for_dtensor_params_int8_is_refused_clearly():
         assert not opt.state
     finally:
         dist.destroy_process_group()
+
+
+@pytest.mark.parametrize("compact,state_dtype", [(True, None), (True, "int8"), (False, "int8")],
+                         ids=["compact-to-dense", "compact-to-int8", "dense-to-int8"])
+def test_a_checkpoint_of_another_param_is_refused_naming_it(compact, state_dtype):
+    """Decoding or quantising a loaded state that does not fit its param fails with the
+    param's name, before anything changes."""
+    p = torch.nn.Parameter(torch.randn(5000))
+    writer = triton_adam.AdamW([p], state_dtype="int8", backend="torch")
+    p.grad = torch.randn_like(p)
+    writer.step()
+    q = torch.nn.Parameter(torch.randn(4500))
+    opt = triton_adam.AdamW([q], state_dtype=state_dtype, backend="torch")
+    opt.load_state_dict(copy.deepcopy(writer.state_dict(compact=compact)))
+    loaded = dict(opt.state[q])
+    q.grad = torch.randn_like(q)
+    before = q.detach().clone()
+    with pytest.raises((ValueError, TypeError), match=r"param 0 of group 0 \(shape \(4500,\)"):
+        opt.step()
+    assert torch.equal(q, before)
+    assert all(opt.state[q][key] is value for key, value in loaded.items())
