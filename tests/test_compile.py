@@ -162,19 +162,26 @@ def test_dtensor_params_under_compile_fail_clearly(monkeypatch):
     assert not opt.state  # refused before any state was created
 
 
-def test_custom_op_passes_opcheck():
-    """Schema (mutated args), fake implementation and registrations agree with the op."""
+@pytest.mark.parametrize("states", ["plain", "int8"])
+def test_custom_op_passes_opcheck(states):
+    """Schema (mutated args: 8-bit codes and their scales too), fake implementation and
+    registrations agree with the op."""
     model, extra = _model()
-    opt = triton_adam.AdamW(_groups(model, extra), lr=1e-2, backend="torch")
+    if states == "int8":  # the weights' moments as codes, the biases' and extra's float32
+        opt = triton_adam.AdamW(list(model.parameters()) + [extra], lr=1e-2, backend="torch",
+                                state_dtype="int8", min_quantized_numel=15)
+    else:
+        opt = triton_adam.AdamW(_groups(model, extra), lr=1e-2, backend="torch")
     _backward(model, extra, 0)
-    lists = [[] for _ in range(7)]  # params, grads, 4 states, extras
-    groups = []
+    lists = [[] for _ in range(8)]  # params, grads, 4 states, extras, scales
+    scale_keys, groups = [], []
     for index, group in enumerate(opt.param_groups):
         before = len(lists[0])
-        opt._init_group(group, *lists)
+        opt._init_group(group, *lists, scale_keys)
         groups += [index] * (len(lists[0]) - before)
+    assert len(lists[-1]) == (4 if states == "int8" else 0)
     indices = list(range(len(lists[0])))
-    args = (*lists, [], None, None, groups, indices, opt._compile_handle)
+    args = (*lists, [], None, None, groups, indices, scale_keys, opt._compile_handle)
     torch.library.opcheck(torch.ops.triton_adam.adam_step.default, args,
                           test_utils=("test_schema", "test_faketensor"))
 
@@ -274,3 +281,101 @@ def test_a_mode_switch_that_rewrites_params_still_adds_amsgrads_state(backend):
     torch.compile(opt.step, backend="aot_eager", fullgraph=True)()
     assert {"max_exp_avg_sq", "master_remainder"} <= set(opt.state[p])
     assert (p == 1.0 + 2**-7).all()  # the compact rounding of the tie, half away from zero
+
+
+def _int8_params(seed):
+    """Quantised params (a partial last block; permuted strides) beside small ones that keep
+    float32 moments, in two groups."""
+    generator = torch.Generator().manual_seed(seed)
+    big = torch.nn.Parameter(torch.randn(5000, generator=generator))
+    permuted = torch.nn.Parameter(torch.randn(64, 70, generator=generator).t())
+    small = torch.nn.Parameter(torch.randn(10, generator=generator))
+    half = torch.nn.Parameter(torch.randn(4100, generator=generator).to(torch.bfloat16))
+    return [big, permuted, small, half]
+
+
+def _int8_opt(params, backend, **options):
+    return triton_adam.AdamW([{"params": params[:3]}, {"params": params[3:], "lr": 3e-3}],
+                             lr=1e-2, backend=backend, state_dtype="int8", **options)
+
+
+def _fresh_grads(params_a, params_b, generator):
+    for a, b in zip(params_a, params_b):
+        a.grad = torch.randn(a.shape, generator=generator).to(a.dtype)
+        b.grad = a.grad.clone()
+
+
+@pytest.mark.parametrize("compiler", COMPILERS)
+@pytest.mark.parametrize("backend", OPT_BACKENDS)
+def test_int8_states_compile_and_match_eager(backend, compiler):
+    """8-bit codes travel in the moment lists and their block scales as mutated arguments of
+    the op: compiled steps give the eager steps' bits (params, codes, scales, the small
+    params' float32 moments), step after step, from one graph."""
+    params, eager_params = _int8_params(0), _int8_params(0)
+    opt, eager = _int8_opt(params, backend), _int8_opt(eager_params, backend)
+    compiled_step = torch.compile(opt.step, backend=compiler, fullgraph=True)
+    generator = torch.Generator().manual_seed(1)
+    with torch._dynamo.config.patch(error_on_recompile=True):
+        for _ in range(3):
+            _fresh_grads(params, eager_params, generator)
+            compiled_step()
+            eager.step()
+            _assert_same(opt, eager, params, eager_params)
+    held = [{key: value.dtype for key, value in opt.state[p].items()} for p in params]
+    for state in held[:2] + held[3:]:
+        assert state == {"step": torch.float32, "exp_avg": torch.int8,
+                         "exp_avg_sq": torch.uint8, "exp_avg_scale": torch.float32,
+                         "exp_avg_sq_scale": torch.float32}
+    assert held[2]["exp_avg"] == torch.float32 and "exp_avg_scale" not in held[2]
+    assert opt.state[params[0]]["step"].item() == 3.0
+
+
+@pytest.mark.parametrize("state_dtype", ["int4", "fp8"])
+def test_other_formats_amsgrad_and_compact_masters_compile_and_match_eager(state_dtype):
+    """int4's packed codes and fp8's, amsgrad's quantised maximum and a bfloat16 group's
+    compact master travel through the op like int8's codes: the eager steps' bits."""
+    def build(params):
+        return triton_adam.AdamW(
+            [{"params": params[:3]}, {"params": params[3:], "master_weights": "compact"}],
+            lr=1e-2, backend=OPT_BACKENDS[0], state_dtype=state_dtype, amsgrad=True)
+
+    params, eager_params = _int8_params(6), _int8_params(6)
+    opt, eager = build(params), build(eager_params)
+    compiled_step = torch.compile(opt.step, backend="aot_eager", fullgraph=True)
+    generator = torch.Generator().manual_seed(7)
+    for _ in range(2):
+        _fresh_grads(params, eager_params, generator)
+        compiled_step()
+        eager.step()
+        _assert_same(opt, eager, params, eager_params)
+    state = opt.state[params[3]]
+    assert "max_exp_avg_sq_scale" in state and "master_remainder" in state
+
+
+@pytest.mark.parametrize("saved", ["torch", "compact"])
+def test_int8_compiled_from_a_loaded_checkpoint_matches_eager(saved):
+    """The traced ``init_group`` converts a loaded state as an eager step does: a dense torch
+    checkpoint into codes; a compact one saved from params laid out otherwise re-laid (and so
+    re-quantised)."""
+    source = _int8_params(2)
+    if saved == "torch":
+        writer = torch.optim.AdamW([{"params": source[:3]}, {"params": source[3:]}], lr=1e-2)
+    else:
+        source[1] = torch.nn.Parameter(source[1].detach().contiguous())
+        writer = _int8_opt(source, "torch")
+    _fresh_grads(source, _int8_params(3), torch.Generator().manual_seed(4))
+    writer.step()
+    checkpoint = writer.state_dict(**({"compact": True} if saved == "compact" else {}))
+    params, eager_params = _int8_params(5), _int8_params(5)
+    opt, eager = _int8_opt(params, "torch"), _int8_opt(eager_params, "torch")
+    opt.load_state_dict(copy.deepcopy(checkpoint))
+    eager.load_state_dict(copy.deepcopy(checkpoint))
+    compiled_step = torch.compile(opt.step, backend="aot_eager", fullgraph=True)
+    generator = torch.Generator().manual_seed(6)
+    for _ in range(2):
+        _fresh_grads(params, eager_params, generator)
+        compiled_step()
+        eager.step()
+        _assert_same(opt, eager, params, eager_params)
+    assert opt.state[params[1]]["exp_avg"].dtype == torch.int8
+    assert opt.state[params[1]]["exp_avg"].stride() == params[1].stride()

@@ -24,7 +24,7 @@ from typing import List, Optional
 import torch
 from torch import Tensor
 
-from . import _precision, _validation
+from . import _precision, _quantize, _validation
 
 # handle (the optimizer's id) -> weak reference: the op's arguments can only be tensors and
 # plain values, so the graph names its optimizer by this integer
@@ -56,15 +56,17 @@ def _forget(handle: int):
 
 
 def init_group(optimizer, group, params, grads, exp_avgs, exp_avg_sqs, max_exp_avg_sqs, steps,
-               extras=None):
+               extras=None, scales=None, scale_keys=None):
     """Check every param and grad, create missing state, and list ``group``'s step tensors.
 
     Runs eagerly while dynamo traces ``step()`` (dynamo calls an optimizer's ``_init_group``
     itself, as for torch.optim's), so it may read data pointers and create tensors. Appends, for
     each param of ``group`` with a grad: the param, its grad and its state tensors
     (``max_exp_avg_sqs`` only with amsgrad; ``extras``, if given, the float32 master, master
-    remainder or Kahan compensation of the params that keep one). Nothing is created if any
-    check fails.
+    remainder or Kahan compensation of the params that keep one; ``scales`` and
+    ``scale_keys``, if given, the block scales of quantised moments, whose codes are in the
+    moment lists, and which ones each param has, see ``adam_step``). Nothing is created if any
+    check fails. (dynamo hands back only the lists passed by position: pass them so.)
     """
     handle = id(optimizer)
     if _optimizer(handle) is not optimizer:
@@ -82,17 +84,9 @@ def init_group(optimizer, group, params, grads, exp_avgs, exp_avg_sqs, max_exp_a
             _validation.check_param(group_index, position, param)
             if param.grad is not None:
                 _validation.check_grad(group_index, position, param, param.grad)
-                if _precision.of(each, param,
-                                 _validation.describe(group_index, position, param)).quantized:
-                    raise NotImplementedError(
-                        "triton-adam: torch.compile of step() with state_dtype='int8' is not "
-                        "supported yet; call opt.step() outside the compiled function")
+                _precision.of(each, param, _validation.describe(group_index, position, param))
     optimizer._normalize_steps()
-    for each in optimizer.param_groups:
-        for param in each["params"]:
-            if param.grad is not None:
-                _init_state(optimizer, param, bool(each["amsgrad"]),
-                            _precision.of(each, param))
+    _init_states(optimizer)
     _ensure_result_buffers(optimizer)
     for param in group["params"]:
         if param.grad is None:
@@ -108,38 +102,38 @@ def init_group(optimizer, group, params, grads, exp_avgs, exp_avg_sqs, max_exp_a
         extra_key = _precision.of(group, param).extra_key
         if extra_key is not None and extras is not None:
             extras.append(state[extra_key])
+        if scale_keys is not None:
+            held = _quantize.scale_keys(state)
+            scales += [state[key] for key in held]
+            scale_keys.append(sum(1 << _quantize.SCALE_KEYS.index(key) for key in held))
     return False
 
 
-def _init_state(optimizer, param, amsgrad: bool, precision) -> None:
-    """Create the param's missing state, as an eager step does, in the layout the kernels use."""
-    state_dtype = precision.state_dtype
-    state = optimizer.state.get(param)
-    if not state:
-        from .optimizer import _initial_state
-        state = optimizer.state[param] = _initial_state(param, amsgrad, precision)
-    # a loaded checkpoint or a switched mode: the float32 value in this mode's form
-    converted, rewrite = _precision.convert(param, state, precision)
-    if converted is not state:
-        state = optimizer.state[param] = converted
-    if rewrite is not None:
-        param.detach().copy_(rewrite)
-    if amsgrad and "max_exp_avg_sq" not in state:
-        # amsgrad switched on mid-training: start its maximum from zero (as eager steps do)
-        state["max_exp_avg_sq"] = torch.zeros_like(param, dtype=state_dtype,
-                                                   memory_format=torch.preserve_format)
-    for key in ("exp_avg", "exp_avg_sq", "max_exp_avg_sq", precision.extra_key):
+def _init_states(optimizer) -> None:
+    """Create or convert every stepped param's state as an eager step does (see
+    ``optimizer.prepared_state``: 8-bit codes, a loaded checkpoint in this storage, ...), in
+    the layout the kernels use; stored only once every param's is ready."""
+    from ._plan import Member, _check_state_layout
+    from .optimizer import prepared_state
+
+    prepared = []
+    for group_index, group in enumerate(optimizer.param_groups):
+        for position, param in enumerate(group["params"]):
+            if param.grad is not None:
+                state = optimizer.state.get(param)
+                prepared.append((group_index, position, param, group, state,
+                                 *prepared_state(group_index, position, param, group, state)))
+    for group_index, position, param, group, state, new, rewrite in prepared:
+        if new is not state:
+            optimizer.state[param] = new
+        if rewrite is not None:
+            param.detach().copy_(rewrite)
         # the kernels index states with the param's strides: a loaded state gets them here,
-        # where the optimizer's own state can be replaced (a value-preserving copy)
-        value = state.get(key) if key else None
-        if value is None:
-            continue
-        dtype = state_dtype if key != precision.extra_key else \
-            precision.extra_dtype(param.dtype)
-        if value.dtype != dtype:
-            state[key] = value = value.to(dtype)  # torch's load cast them to the param's
-        if value.stride() != param.stride() and param.numel() > 1:
-            state[key] = torch.empty_like(param, dtype=dtype).copy_(value)
+        # where the optimizer's own state can be replaced (a value-preserving copy; 8-bit
+        # codes are re-quantised), as the plan does in an eager step
+        member = Member.of(group_index, position, param, new)
+        member.precision = _precision.of(group, param)
+        _check_state_layout(member, bool(group["amsgrad"]))
 
 
 def _ensure_result_buffers(optimizer) -> None:
@@ -167,13 +161,13 @@ def compiled_step(optimizer, closure=None):
         with torch.enable_grad():
             loss = closure()
     params, grads, exp_avgs, exp_avg_sqs, max_exp_avg_sqs, steps = [], [], [], [], [], []
-    extras = []
+    extras, scales, scale_keys = [], [], []
     groups, indices = [], []
     group_index = first_index = 0
     for group in optimizer.param_groups:
         before = len(params)
         optimizer._init_group(group, params, grads, exp_avgs, exp_avg_sqs, max_exp_avg_sqs,
-                              steps, extras)
+                              steps, extras, scales, scale_keys)
         groups += [group_index] * (len(params) - before)
         # each stepped param's index in the optimizer: stochastic rounding's stream key
         indices += [first_index + i for i, p in enumerate(group["params"]) if p.grad is not None]
@@ -183,9 +177,9 @@ def compiled_step(optimizer, closure=None):
     if optimizer.max_grad_norm is not None or optimizer.skip_nonfinite:
         results = [optimizer.last_grad_norm, optimizer.last_step_skipped]
     torch.ops.triton_adam.adam_step(
-        params, grads, exp_avgs, exp_avg_sqs, max_exp_avg_sqs, steps, extras, results,
+        params, grads, exp_avgs, exp_avg_sqs, max_exp_avg_sqs, steps, extras, scales, results,
         getattr(optimizer, "grad_scale", None), getattr(optimizer, "found_inf", None), groups,
-        indices, optimizer._compile_handle)
+        indices, scale_keys, optimizer._compile_handle)
     return loss
 
 
@@ -198,7 +192,7 @@ class _StepView:
     """
 
     def __init__(self, optimizer, params, grads, exp_avgs, exp_avg_sqs, max_exp_avg_sqs, steps,
-                 extras, groups, indices):
+                 extras, scales, groups, indices, scale_keys):
         self.backend = optimizer.backend
         self.max_grad_norm = optimizer.max_grad_norm
         self.skip_nonfinite = optimizer.skip_nonfinite
@@ -210,6 +204,7 @@ class _StepView:
         self.param_index = {}  # each param's index in the optimizer (see StepPlan)
         max_exp_avg_sqs = iter(max_exp_avg_sqs)
         extras = iter(extras)
+        scales = iter(scales)
         for i, gi in enumerate(groups):
             param = params[i]
             self.param_groups[gi]["params"].append(param)
@@ -220,6 +215,9 @@ class _StepView:
             extra_key = _precision.of(self.param_groups[gi], param).extra_key
             if extra_key is not None:
                 state[extra_key] = next(extras)
+            for bit, key in enumerate(_quantize.SCALE_KEYS):
+                if scale_keys[i] >> bit & 1:
+                    state[key] = next(scales)
             self.state[param] = state
             self.param_index[param] = indices[i]
 
@@ -262,25 +260,28 @@ def _plan_for(optimizer, view):
 @torch.library.custom_op(
     "triton_adam::adam_step",
     mutates_args=("params", "exp_avgs", "exp_avg_sqs", "max_exp_avg_sqs", "steps", "extras",
-                  "results"))
+                  "scales", "results"))
 def adam_step(params: List[Tensor], grads: List[Tensor], exp_avgs: List[Tensor],
               exp_avg_sqs: List[Tensor], max_exp_avg_sqs: List[Tensor], steps: List[Tensor],
-              extras: List[Tensor], results: List[Tensor], grad_scale: Optional[Tensor],
-              found_inf: Optional[Tensor], groups: List[int], indices: List[int],
-              handle: int) -> None:
+              extras: List[Tensor], scales: List[Tensor], results: List[Tensor],
+              grad_scale: Optional[Tensor], found_inf: Optional[Tensor], groups: List[int],
+              indices: List[int], scale_keys: List[int], handle: int) -> None:
     """One Adam/AdamW step of the optimizer ``handle`` names, on the given tensors, in place.
 
     ``groups[i]`` is the param group of ``params[i]`` and ``indices[i]`` its index in the
     optimizer (all groups' params in order); ``max_exp_avg_sqs`` lists the states of
     the amsgrad groups' params, in order, and ``extras`` the masters, master remainders or
-    Kahan compensations of the params that keep one. With clipping or skipping, ``results``
-    holds two 0-d tensors that receive the global grad norm and whether the step was skipped.
+    Kahan compensations of the params that keep one. Quantised moments travel as their codes
+    (whatever their dtype) in the moment lists and their block scales in ``scales``: bit ``k``
+    of ``scale_keys[i]`` says that ``params[i]`` has ``_quantize.SCALE_KEYS[k]`` there (param
+    by param, keys in that order). With clipping or skipping, ``results`` holds two 0-d tensors
+    that receive the global grad norm and whether the step was skipped.
     """
     optimizer = _optimizer(handle)
     if optimizer is None:
         raise RuntimeError("triton-adam: the optimizer of this compiled step no longer exists")
     view = _StepView(optimizer, params, grads, exp_avgs, exp_avg_sqs, max_exp_avg_sqs, steps,
-                     extras, groups, indices)
+                     extras, scales, groups, indices, scale_keys)
     plan = _plan_for(optimizer, view)
     plan.run(view, view.grads_by_group, grad_scale, found_inf)
     if results:
@@ -289,6 +290,6 @@ def adam_step(params: List[Tensor], grads: List[Tensor], exp_avgs: List[Tensor],
 
 
 @adam_step.register_fake
-def _(params, grads, exp_avgs, exp_avg_sqs, max_exp_avg_sqs, steps, extras, results, grad_scale,
-      found_inf, groups, indices, handle):
+def _(params, grads, exp_avgs, exp_avg_sqs, max_exp_avg_sqs, steps, extras, scales, results,
+      grad_scale, found_inf, groups, indices, scale_keys, handle):
     """Every effect is an in-place update of an argument: nothing to compute for shapes."""

@@ -199,6 +199,17 @@ def _codes_like(param: Tensor, dtype: torch.dtype, fmt: Format) -> Tensor:
     return torch.zeros_like(param, dtype=dtype, memory_format=torch.preserve_format)
 
 
+def scale_keys(state: dict) -> tuple:
+    """The block-scale keys ``state`` holds, in ``SCALE_KEYS`` order (none: dense moments)."""
+    return tuple(key for key in SCALE_KEYS if key in state)
+
+
+def is_quantized(state: dict) -> bool:
+    """``state`` holds its moments as codes with block scales (a live 8-bit state or a
+    compact state dict's)."""
+    return bool(scale_keys(state))
+
+
 def zero_state(param: Tensor, fmt: Format | str = "int8", amsgrad: bool = False) -> dict:
     """Quantised moments of zero for ``param``: codes (param-shaped and laid out as the param,
     or packed flat) and scales.
@@ -231,6 +242,15 @@ def _from_memory_order(flat: Tensor, like: Tensor) -> Tensor:
     return out
 
 
+def laid_out_as(tensor: Tensor, param: Tensor) -> Tensor:
+    """``tensor`` (param-shaped) with ``param``'s strides: itself when it has them, else a
+    copy. The codes are blocked in memory order, so dense moments laid out otherwise (a
+    checkpoint saved from a param with other strides) must be re-laid before encoding."""
+    if tensor.stride() == param.stride() or tensor.numel() <= 1:
+        return tensor
+    return torch.empty_like(param, dtype=tensor.dtype).copy_(tensor)
+
+
 def quantized(param: Tensor, exp_avg: Tensor, exp_avg_sq: Tensor,
               max_exp_avg_sq: Tensor | None = None, fmt: Format | str = "int8") -> dict:
     """Dense moments of ``param`` as codes and scales (a new dict); a DTensor param's local
@@ -241,7 +261,8 @@ def quantized(param: Tensor, exp_avg: Tensor, exp_avg_sq: Tensor,
     moments = (exp_avg, exp_avg_sq) + ((max_exp_avg_sq,) if max_exp_avg_sq is not None else ())
     for key, moment in zip(MOMENT_KEYS, moments):
         encode = encode_signed if key == "exp_avg" else encode_unsigned
-        codes, out[scale_key(key)] = encode(_memory_order(local(moment).float()), fmt)
+        values = _memory_order(laid_out_as(local(moment).float(), shard))
+        codes, out[scale_key(key)] = encode(values, fmt)
         out[key] = codes if fmt.packed else _distributed.shaped_like(
             param, _from_memory_order(codes, shard))
     return out
@@ -257,9 +278,12 @@ def dense(param: Tensor, state: dict, dtype=torch.float32) -> dict:
         if scale_key(key) not in state:
             continue
         decode = decode_signed if key == "exp_avg" else decode_unsigned
-        codes = state[key] if fmt.packed else _memory_order(local(state[key]))
-        values = decode(codes, state[scale_key(key)], shard.numel(), fmt)
-        out[key] = _distributed.shaped_like(param, _from_memory_order(values, shard).to(dtype))
+        codes = state[key] if fmt.packed else local(state[key])
+        values = decode(codes if fmt.packed else _memory_order(codes), state[scale_key(key)],
+                        shard.numel(), fmt)
+        # decoded in the codes' own layout (a loaded state's may not be the param's)
+        values = _from_memory_order(values, shard if fmt.packed else codes).to(dtype)
+        out[key] = _distributed.shaped_like(param, laid_out_as(values, shard))
     return out
 
 

@@ -57,10 +57,10 @@ _COMMON_DOC = """
             "int8": blockwise 8-bit moments (int8 / uint8 codes and a float32 scale per 256
             elements, about 2.03 bytes per param instead of 8; see ``triton_adam._quantize``)
             for params of at least ``min_quantized_numel`` elements, float32 moments for
-            smaller ones; ``state_dict()`` holds dense float32 moments (torch's form). DTensor
-            params are quantised in blocks of each rank's local shard (the codes DTensors, the
-            scales plain local tensors; quantised or not by the whole param's numel). Not yet
-            with amsgrad, the precision rungs or torch.compile.
+            smaller ones; ``state_dict()`` holds dense float32 moments (torch's form),
+            ``state_dict(compact=True)`` the codes and scales. DTensor params are quantised in
+            blocks of each rank's local shard (the codes DTensors, the scales plain local
+            tensors; quantised or not by the whole param's numel).
         min_quantized_numel (int): with state_dtype="int8", params with fewer elements keep
             float32 moments (default 4096: biases and norms).
         master_weights (bool or "compact"): for bfloat16/float16 params, step a float32 master
@@ -202,15 +202,25 @@ class _FusedAdamBase(torch.optim.Optimizer):
                               for t in state.values() if isinstance(t, Tensor) and t.dim() > 0)
         return held if per_param else sum(held.values())
 
-    def state_dict(self) -> dict:
+    def state_dict(self, compact: bool = False) -> dict:
         """torch's state dict, loadable by torch.optim.Adam/AdamW: torch's keys, plus each
         16-bit param's float32 master as a dense float32 ``master_param`` (also when it is
         kept as a remainder, ``master_weights="compact"``) or its ``kahan_compensation``;
-        the stochastic-rounding seed is in the param groups."""
+        the stochastic-rounding seed is in the param groups.
+
+        Args:
+            compact (bool): keep 8-bit moments (``state_dtype="int8"``) as they are held,
+                codes and float32 block scales under the live state's keys, instead of
+                decoding them to dense float32 moments: about a quarter of the size. Only this
+                package's ``load_state_dict`` reads such a dict (into any storage mode: the
+                next step decodes or re-lays the codes where it must); torch's optimizers do
+                not.
+        """
         saved = super().state_dict()
         params = [p for group in self.param_groups for p in group["params"]]
         for index, state in saved["state"].items():
-            if "exp_avg_scale" in state:  # 8-bit moments: dense float32 ones, torch's form
+            if _quantize.is_quantized(state) and not compact:
+                # 8-bit moments: dense float32 ones, torch's form
                 state = saved["state"][index] = _quantize.convert(params[index].detach(), state,
                                                                   quantize=False)
             if "master_remainder" in state:
@@ -222,19 +232,23 @@ class _FusedAdamBase(torch.optim.Optimizer):
     def load_state_dict(self, state_dict: dict) -> None:
         """Load a state dict saved by this class or by torch.optim.Adam/AdamW (any device).
 
-        Moments and float32 masters (``master_param``) keep the dtype they were saved in
-        (torch's loader would cast them to the params' dtype, rounding float32 moments or
-        masters of 16-bit params). How the state is held (state_dtype, master_weights,
-        kahan_summation, stochastic_rounding) stays as this optimizer was built: the next step
-        converts the loaded state to it (a True checkpoint loads into "compact" and back, the
-        master exactly; a torch checkpoint starts masters from the params). Everything else in
-        the param groups (lr, betas, ..., the stochastic-rounding seed) is the checkpoint's,
-        as in torch.
+        Every state tensor (moments, float32 masters, a compact state dict's 8-bit codes and
+        float32 block scales) keeps the dtype it was saved in (torch's loader would cast them
+        to the params' dtype, rounding float32 moments, masters or scales of 16-bit params and
+        turning codes into floats). How the state is held (state_dtype, master_weights,
+        kahan_summation, stochastic_rounding, min_quantized_numel) stays as this optimizer was
+        built: the next step converts the loaded state to it (a True checkpoint loads into
+        "compact" and back, the master exactly; a torch checkpoint starts masters from the
+        params; dense moments are quantised and 8-bit ones decoded where the param's storage
+        differs). Everything else in the param groups (lr, betas, ..., the stochastic-rounding
+        seed) is the checkpoint's, as in torch.
         """
-        kept = {(key, name): value[name] for key, value in state_dict["state"].items()
+        # every state tensor but the step count, whatever its key (8-bit codes and their
+        # float32 scales included): torch's loader casts them all to the param's dtype
+        kept = {(key, name): tensor for key, value in state_dict["state"].items()
                 if isinstance(value, dict)
-                for name in ("exp_avg", "exp_avg_sq", "max_exp_avg_sq", "master_param")
-                if isinstance(value.get(name), Tensor)}
+                for name, tensor in value.items()
+                if name != "step" and isinstance(tensor, Tensor)}
         # options torch.optim does not have: a torch checkpoint's groups lack them, and they
         # stay as this optimizer was built
         ours = [{k: group[k] for k in _OPTIONS if k in group} for group in self.param_groups]
@@ -328,32 +342,12 @@ class _FusedAdamBase(torch.optim.Optimizer):
                 if grad is None:
                     continue
                 state = self.state.get(param)
-                what = _validation.describe(gi, pi, param)
-                precision = _precision.of(group, param, what)
-                if not state:
-                    state = new_states[param] = _initial_state(param, group["amsgrad"],
-                                                               precision)
-                adopted = _adopt_loaded_state(gi, pi, param, state, precision)
-                if adopted is not state:
-                    state = new_states[param] = adopted
-                # dense moments (a checkpoint, or codes switched on) into codes, or back
-                if precision.quantized and "exp_avg_scale" not in state:
-                    _validation.check_dense_moments(gi, pi, param, state)
-                moments = _quantize.convert(param, state, precision.format,
-                                            precision.dense_dtype)
-                if moments is not state:
-                    state = new_states[param] = moments
-                # a torch checkpoint, another mode's checkpoint, or a mode switched: the
-                # float32 value carried into this mode's form (see _precision.convert)
-                converted, rewrite = _precision.convert(param, state, precision)
-                if converted is not state:
-                    state = new_states[param] = converted
+                prepared, rewrite = prepared_state(gi, pi, param, group, state)
+                if prepared is not state:
+                    new_states[param] = prepared
                 if rewrite is not None:
                     rewrites.append((param, rewrite))
-                if group["amsgrad"] and "max_exp_avg_sq" not in state:
-                    # amsgrad switched on mid-training: start its maximum from zero.
-                    state = new_states[param] = dict(state, **_zero_max(param, precision))
-                states[param] = state
+                states[param] = prepared
         plan = StepPlan(self, grads_by_group, states, signature)
         for param, state in new_states.items():
             self.state[param] = state
@@ -440,6 +434,36 @@ def _zero_max(param: Tensor, precision) -> dict:
         zero = _quantize.zero_state(param, precision.format, amsgrad=True)
         return {key: zero[key] for key in ("max_exp_avg_sq", "max_exp_avg_sq_scale")}
     return {"max_exp_avg_sq": _distributed.zeros_like(param, precision.state_dtype)}
+
+
+def prepared_state(group_index: int, position: int, param: Tensor, group: dict, state):
+    """``param``'s state as a step of ``group`` holds it: created if missing; a loaded one
+    adopted, its moments quantised or decoded and its extra state converted to the group's
+    storage; amsgrad's maximum added. Returns (``state`` itself, or a new dict: nothing is
+    stored here; bits to write into the param, or None). An eager step and a compiled one
+    (``_compile.init_group``) prepare states alike through this.
+    """
+    what = _validation.describe(group_index, position, param)
+    precision = _precision.of(group, param, what)
+    if not state:
+        state = _initial_state(param, group["amsgrad"], precision)
+    state = _adopt_loaded_state(group_index, position, param, state, precision)
+    # dense moments (a checkpoint, or codes switched on) into codes, or codes (a compact
+    # checkpoint, or another storage) back to dense ones
+    if precision.quantized and not _quantize.is_quantized(state):
+        _validation.check_dense_moments(group_index, position, param, state)
+    try:
+        state = _quantize.convert(param, state, precision.format, precision.dense_dtype)
+    except (RuntimeError, ValueError, KeyError) as error:
+        raise ValueError(f"{what}: its loaded moments cannot be converted to its storage "
+                         f"(a state dict saved for another param?): {error}") from error
+    # a torch checkpoint, another mode's checkpoint, or a mode switched: the float32 value
+    # carried into this mode's form (see _precision.convert)
+    state, rewrite = _precision.convert(param, state, precision)
+    if group["amsgrad"] and "max_exp_avg_sq" not in state:
+        # amsgrad switched on mid-training: start its maximum from zero.
+        state = dict(state, **_zero_max(param, precision))
+    return state, rewrite
 
 
 def _adopt_loaded_state(group_index: int, position: int, param: Tensor, state: dict,
