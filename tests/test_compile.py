@@ -330,6 +330,16 @@ def test_int8_states_compile_and_match_eager(backend, compiler):
     assert opt.state[params[0]]["step"].item() == 3.0
 
 
+def _two_compiled_steps_match_eager(opt, eager, params, eager_params, seed):
+    compiled_step = torch.compile(opt.step, backend="aot_eager", fullgraph=True)
+    generator = torch.Generator().manual_seed(seed)
+    for _ in range(2):
+        _fresh_grads(params, eager_params, generator)
+        compiled_step()
+        eager.step()
+        _assert_same(opt, eager, params, eager_params)
+
+
 @pytest.mark.parametrize("state_dtype", ["int4", "fp8"])
 def test_other_formats_amsgrad_and_compact_masters_compile_and_match_eager(state_dtype):
     """int4's packed codes and fp8's, amsgrad's quantised maximum and a bfloat16 group's
@@ -341,13 +351,7 @@ def test_other_formats_amsgrad_and_compact_masters_compile_and_match_eager(state
 
     params, eager_params = _int8_params(6), _int8_params(6)
     opt, eager = build(params), build(eager_params)
-    compiled_step = torch.compile(opt.step, backend="aot_eager", fullgraph=True)
-    generator = torch.Generator().manual_seed(7)
-    for _ in range(2):
-        _fresh_grads(params, eager_params, generator)
-        compiled_step()
-        eager.step()
-        _assert_same(opt, eager, params, eager_params)
+    _two_compiled_steps_match_eager(opt, eager, params, eager_params, seed=7)
     state = opt.state[params[3]]
     assert "max_exp_avg_sq_scale" in state and "master_remainder" in state
 
@@ -370,12 +374,6 @@ def test_int8_compiled_from_a_loaded_checkpoint_matches_eager(saved):
     opt, eager = _int8_opt(params, "torch"), _int8_opt(eager_params, "torch")
     opt.load_state_dict(copy.deepcopy(checkpoint))
     eager.load_state_dict(copy.deepcopy(checkpoint))
-    compiled_step = torch.compile(opt.step, backend="aot_eager", fullgraph=True)
-    generator = torch.Generator().manual_seed(6)
-    for _ in range(2):
-        _fresh_grads(params, eager_params, generator)
-        compiled_step()
-        eager.step()
-        _assert_same(opt, eager, params, eager_params)
+    _two_compiled_steps_match_eager(opt, eager, params, eager_params, seed=6)
     assert opt.state[params[1]]["exp_avg"].dtype == torch.int8
     assert opt.state[params[1]]["exp_avg"].stride() == params[1].stride()
