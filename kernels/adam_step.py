@@ -565,13 +565,15 @@ def launch_adam_coefficients(tensor_table, hyper_table, coef_table, found_inf, g
 
 
 def launch_adam_step(tensor_table, grad_table, block_map, coef_table, grad_scale, found_inf,
-                     n_blocks, spec, block_size, tile_size, num_warps, warmup=False):
+                     n_blocks, spec, block_size, tile_size, num_warps, warmup=False,
+                     maxnreg=None):
     """Launch ``adam_step_kernel`` over ``n_blocks`` programs (with ``warmup``, compile only).
 
     ``spec`` maps the constexpr names PARAM_DTYPE, GRAD_DTYPE, STATE_DTYPE (triton dtypes),
     AMSGRAD, ALIGNED, STOCHASTIC_ROUNDING (bools), MASTER (a MASTER_* value), QUANT (a
     moment_codes.QUANT_* value) and QUANT_BLOCK (elements per scale);
-    ``grad_scale`` and ``found_inf`` are float32 device tensors or None.
+    ``grad_scale`` and ``found_inf`` are float32 device tensors or None; ``maxnreg``: a
+    register ceiling per thread for ptxas (None: its own choice).
     """
     if n_blocks == 0:
         return
@@ -581,5 +583,5 @@ def launch_adam_step(tensor_table, grad_table, block_map, coef_table, grad_scale
         found_inf if found_inf is not None else coef_table,
         HAS_GRAD_SCALE=grad_scale is not None, HAS_FOUND_INF=found_inf is not None,
         BLOCK_SIZE=block_size, TILE_SIZE=tile_size, num_warps=num_warps,
-        enable_fp_fusion=False, **spec,
+        enable_fp_fusion=False, **({"maxnreg": maxnreg} if maxnreg else {}), **spec,
     )

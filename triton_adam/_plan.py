@@ -17,8 +17,8 @@ from torch import Tensor
 from . import _distributed, _precision, _quantize, _validation
 from ._distributed import local
 from ._grad_norm import TritonGradNorm
-from ._tables import (ALIGNMENT, BLOCK_SIZE, NUM_WARPS, build_block_map, on_device,
-                      step_tile_size, to_device, triton_dtype, upload)
+from ._tables import (ALIGNMENT, BLOCK_SIZE, NUM_WARPS, QUANT_MAX_REGISTERS, build_block_map,
+                      on_device, step_tile_size, to_device, triton_dtype, upload)
 from ._torch_backend import TorchBucket, grad_norm_and_nonfinite, segment_totals
 from ._warmup import compile_plan
 from .kernels import adam_step as K
@@ -316,6 +316,11 @@ class TritonBucket:
         """Which member each program updates, over the ranges in launch order."""
         return np.concatenate([r.block_tensor for r in self.ranges] + [np.zeros(0, np.int32)])
 
+    @property
+    def max_registers(self):
+        """The step kernel's register ceiling (None: ptxas's choice)."""
+        return QUANT_MAX_REGISTERS if self.spec["QUANT"] else None
+
     def tile_size(self, aligned: bool) -> int:
         return step_tile_size(aligned, self.spec["MASTER"], self.spec["QUANT"])
 
@@ -341,7 +346,7 @@ class TritonBucket:
                     self.tensor_table, self.grad_table, r.block_map, self.coef_table,
                     *self.step_amp_arguments(grad_scale, found_inf), r.n_blocks,
                     dict(self.spec, ALIGNED=r.aligned), BLOCK_SIZE, self.tile_size(r.aligned),
-                    NUM_WARPS)
+                    NUM_WARPS, maxnreg=self.max_registers)
 
 
 def state_key_names(amsgrad: bool):

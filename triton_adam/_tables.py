@@ -25,6 +25,9 @@ UNALIGNED_MASTER_TILE_SIZE = 1024
 # (unaligned) elements; these do not spill.
 ALIGNED_QUANT_TILE_SIZE = 1024
 UNALIGNED_QUANT_TILE_SIZE = 512
+# ... and left alone, ptxas kept some of them (amsgrad with a master or stochastic rounding) at
+# 80 registers and spilled 12-20 bytes; given this ceiling it uses up to 128 and spills nothing
+QUANT_MAX_REGISTERS = 128
 
 
 def step_tile_size(aligned: bool, master: int, quant: int = 0) -> int:

@@ -12,8 +12,8 @@ import subprocess
 import tempfile
 from pathlib import Path
 
-from ._tables import (ALIGNED_TILE_SIZE, BLOCK_SIZE, NUM_WARPS, UNALIGNED_TILE_SIZE,
-                      step_tile_size)
+from ._tables import (ALIGNED_TILE_SIZE, BLOCK_SIZE, NUM_WARPS, QUANT_MAX_REGISTERS,
+                      UNALIGNED_TILE_SIZE, step_tile_size)
 from .kernels import adam_step, grad_norm, moment_codes
 
 DTYPES = ("fp32", "bf16", "fp16")
@@ -121,7 +121,7 @@ def _parse_target(target: str) -> int:
     return int(match.group(1))
 
 
-def _compile(fn, signature, spec, arch, num_warps):
+def _compile(fn, signature, spec, arch, num_warps, maxnreg=None):
     import triton
     import triton.language as tl
     from triton.backends.compiler import GPUTarget
@@ -132,7 +132,8 @@ def _compile(fn, signature, spec, arch, num_warps):
     full_signature = dict(signature, **{k: "constexpr" for k in spec})
     source = ASTSource(fn=fn, signature=full_signature, constexprs=constexprs)
     return triton.compile(source, target=GPUTarget("cuda", arch, 32),
-                          options={"num_warps": num_warps, "enable_fp_fusion": False})
+                          options={"num_warps": num_warps, "enable_fp_fusion": False,
+                                   **({"maxnreg": maxnreg} if maxnreg else {})})
 
 
 def _ptxas_report(ptx: str, arch: int) -> dict:
@@ -198,7 +199,9 @@ def compile_all(target: str = "sm_90", scope: str = "all") -> list[dict]:
               SEGMENTS_SIGNATURE, s, 4) for s in grad_norm_segments_specs()]
     reports = []
     for name, fn, signature, spec, num_warps in jobs:
-        compiled = _compile(fn, signature, spec, arch, num_warps)
+        # quantised step kernels launch with a register ceiling (see _tables)
+        maxnreg = QUANT_MAX_REGISTERS if spec.get("QUANT") else None
+        compiled = _compile(fn, signature, spec, arch, num_warps, maxnreg)
         ptx = compiled.asm["ptx"]
         report = {"name": name, "spec": spec, "target": f"sm_{arch}", "num_warps": num_warps,
                   "shared_bytes": int(compiled.metadata.shared),
