@@ -26,3 +26,8 @@ def test_the_table_lists_every_mode_and_the_peers():
     held = {m.name: m.held for m in memory_table.MODES}
     assert held["fp32 params (torch's AdamW)"] == 8
     assert held['bf16 + "compact", bf16 states'] == 6
+    # the targets: int8 <= 2.1 B, int4 <= 1.1 B per param
+    assert held['fp32 params, state_dtype="int8"'] == 2 + 8 / 256
+    assert held['fp32 params, state_dtype="int4"'] == 1 + 8 / 128
+    moved = {m.name: m.moved for m in memory_table.MODES}
+    assert moved['bf16 params, state_dtype="int8"'] <= 11

@@ -276,7 +276,7 @@ def build_parser() -> argparse.ArgumentParser:
     b.add_argument("--clip", type=float, metavar="MAX_NORM",
                    help="time clip + step: torch providers run clip_grad_norm_(MAX_NORM) then "
                         "step, triton-adam its fused max_grad_norm=MAX_NORM step")
-    b.add_argument("--state-dtype", choices=("fp32", "bf16", "int8"),
+    b.add_argument("--state-dtype", choices=("fp32", "bf16", "int8", "int4", "fp8"),
                    help="triton-adam's state_dtype (moments in this dtype; bytes counted from "
                         "the real states); the other providers keep theirs")
     b.add_argument("--fsdp2", type=int, metavar="WORLD_SIZE",

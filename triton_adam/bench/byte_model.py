@@ -59,6 +59,10 @@ def adam_bytes_per_element(
     return 2 * p + g + 2 * held_bytes_per_element(param_dtype, state_dtype, amsgrad, extra_dtype)
 
 
+# quantised moments (triton_adam._quantize): bytes per code, elements per float32 scale
+CODE_BYTES = {"int8": (1, 256), "fp8": (1, 256), "int4": (0.5, 128)}
+
+
 def held_bytes_per_element(
     param_dtype: torch.dtype,
     state_dtype: Optional[torch.dtype] = None,
@@ -69,8 +73,9 @@ def held_bytes_per_element(
     moments (in ``state_dtype``, default the param's) and an ``extra_dtype`` tensor if any."""
     n_states = 3 if amsgrad else 2  # exp_avg, exp_avg_sq, (max_exp_avg_sq)
     extra = dtype_size(extra_dtype) if extra_dtype is not None else 0
-    if state_dtype == "int8":  # 1-byte codes and a float32 scale per 256-element block
-        return n_states * (1 + 4 / 256) + extra
+    if state_dtype in CODE_BYTES:  # codes, and a float32 scale per block
+        code_bytes, block = CODE_BYTES[state_dtype]
+        return n_states * (code_bytes + 4 / block) + extra
     return n_states * dtype_size(state_dtype or param_dtype) + extra
 
 

@@ -27,7 +27,7 @@ class Mode:
     name: str
     param_dtype: torch.dtype
     options: dict
-    state_dtype: object  # a torch.dtype, or "int8"
+    state_dtype: object  # a torch.dtype, or a code format ("int8", "int4", "fp8")
     extra_dtype: Optional[torch.dtype]  # master / remainder / compensation
     exact: str  # what the mode guarantees about the float32 trajectory
 
@@ -66,6 +66,15 @@ MODES = [
          "blockwise 8-bit moments (params of >= 4096 elements)"),
     Mode('bf16 params, state_dtype="int8"', BF16, dict(state_dtype="int8"), "int8", None,
          "blockwise 8-bit moments (params of >= 4096 elements)"),
+    Mode('bf16 + "compact", state_dtype="int8"', BF16,
+         dict(master_weights="compact", state_dtype="int8"), "int8", torch.int16,
+         "exact fp32 master, 8-bit moments"),
+    Mode('fp32 params, state_dtype="fp8"', FP32, dict(state_dtype="fp8"), "fp8", None,
+         "blockwise e4m3 moments (params of >= 4096 elements)"),
+    Mode('fp32 params, state_dtype="int4"', FP32, dict(state_dtype="int4"), "int4", None,
+         "blockwise 4-bit moments (params of >= 4096 elements)"),
+    Mode('bf16 params, state_dtype="int4"', BF16, dict(state_dtype="int4"), "int4", None,
+         "blockwise 4-bit moments (params of >= 4096 elements)"),
 ]
 
 # (system, params, what it keeps, held B, moved B, loads a torch checkpoint)
@@ -78,7 +87,9 @@ PEERS = [
     ("TE, store_param_remainders + bf16 states", "bf16", "bf16 m, v + int16 remainder", 6, 18,
      "loaders break"),
     ("torchao _AdamW, bf16_stochastic_round", "bf16", "bf16 m, v", 4, 14, "not verified"),
-    ("torchao AdamW8bit / AdamW4bit", "any", "8-bit / 4-bit blockwise m, v", 2.03, 10,
+    ("torchao AdamW8bit", "any", "8-bit blockwise m, v (block 256)", 2.03, 10,
+     "not verified"),
+    ("torchao AdamW4bit", "any", "4-bit blockwise m, v (block 128)", 1.06, 8.1,
      "not verified"),
     ("bitsandbytes AdamW8bit", "any", "8-bit blockwise m, v", 2.03, 10, "no"),
     ("FlashOptim", "bf16", "int8 m, uint8 v + int8 master correction", 3.13, 12.3, "yes"),

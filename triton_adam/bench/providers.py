@@ -37,7 +37,7 @@ class OptimConfig:
     eps: float = 1e-8
     weight_decay: float = 1e-2
     max_grad_norm: Optional[float] = None  # clip the grads' global 2-norm in every step
-    state_dtype: Optional[str] = None  # "fp32"/"bf16"/"int8": triton-adam's state_dtype
+    state_dtype: Optional[str] = None  # "fp32"/"bf16"/"int8"/"int4"/"fp8": triton-adam's
     # triton-adam's precision options for 16-bit params (the other providers ignore them)
     master_weights: Optional[str] = None  # "true" or "compact"
     kahan_summation: bool = False
@@ -107,7 +107,8 @@ def _load_triton_adam(cfg: OptimConfig) -> Factory:
     import triton_adam
 
     cls = triton_adam.AdamW if cfg.kind == "adamw" else triton_adam.Adam
-    state_dtypes = {None: None, "fp32": torch.float32, "bf16": torch.bfloat16, "int8": "int8"}
+    state_dtypes = {None: None, "fp32": torch.float32, "bf16": torch.bfloat16, "int8": "int8",
+                    "int4": "int4", "fp8": "fp8"}
     return lambda params, c: cls(params, amsgrad=c.amsgrad, backend="auto",
                                  max_grad_norm=c.max_grad_norm,
                                  state_dtype=state_dtypes[c.state_dtype],
