@@ -47,21 +47,22 @@ _COMMON_DOC = """
             multiplier ``eta_t = lr / initial_lr`` (the AdamW paper's Algorithm 2 and
             keras-adamw), where ``initial_lr`` is the group's lr as torch's lr schedulers record
             it (without a scheduler, ``eta_t = 1``).
-        state_dtype (torch.dtype or "int8", optional): hold ``exp_avg``, ``exp_avg_sq`` (and
+        state_dtype (torch.dtype or str, optional): hold ``exp_avg``, ``exp_avg_sq`` (and
             ``max_exp_avg_sq``) in torch.float32 or torch.bfloat16 whatever the param dtype
             (float32/bfloat16/float16 params); the math stays float32 and each
             stored value is rounded once (to nearest even). ``torch.bfloat16`` for float32
             params halves the state (8 -> 4 bytes per param; what torch's CUDA fused AdamW does
             when the states are created bfloat16). None (default): the param's dtype, as torch.
             Loaded moments are rounded to it once.
-            "int8": blockwise 8-bit moments (int8 / uint8 codes and a float32 scale per 256
-            elements, about 2.03 bytes per param instead of 8; see ``triton_adam._quantize``)
-            for params of at least ``min_quantized_numel`` elements, float32 moments for
-            smaller ones; ``state_dict()`` holds dense float32 moments (torch's form),
+            "int8", "fp8", "int4": blockwise quantised moments (codes and a float32 scale per
+            256 elements, 128 for int4: about 2.03 bytes per param, 1.06 for int4, instead of
+            8; see ``triton_adam._quantize``) for params of at least ``min_quantized_numel``
+            elements, float32 moments for smaller ones, in the same launch; with amsgrad and
+            any precision rung. ``state_dict()`` holds dense float32 moments (torch's form),
             ``state_dict(compact=True)`` the codes and scales. DTensor params are quantised in
-            blocks of each rank's local shard (the codes DTensors, the scales plain local
-            tensors; quantised or not by the whole param's numel).
-        min_quantized_numel (int): with state_dtype="int8", params with fewer elements keep
+            blocks of each rank's local shard (int8, fp8: the codes DTensors, the scales plain
+            local tensors; quantised or not by the whole param's numel).
+        min_quantized_numel (int): with quantised moments, params with fewer elements keep
             float32 moments (default 4096: biases and norms).
         master_weights (bool or "compact"): for bfloat16/float16 params, step a float32 master
             in the param's place and write its rounding back to the param, in the same launch;
