@@ -596,7 +596,7 @@ def _int8_model(seed):
 INT8 = dict(lr=0.05, weight_decay=0.1, state_dtype="int8")
 
 
-def _plain_int8_twin(params, backend):
+def _plain_int8_twin(params, backend, options=INT8):
     """This rank's local shards as plain params, with an int8 optimizer quantising those whose
     whole (global) param is quantised: the reference for the shards' blocks."""
     twins = [nn.Parameter(local(p).detach().clone()) for p in params]
@@ -604,7 +604,7 @@ def _plain_int8_twin(params, backend):
     rest = [q for p, q in zip(params, twins) if p.numel() < 4096]
     ref = triton_adam.AdamW([{"params": big, "min_quantized_numel": 0},
                              {"params": rest, "min_quantized_numel": 4096}],
-                            backend=backend, **INT8)
+                            backend=backend, **options)
     return twins, ref
 
 
@@ -644,20 +644,32 @@ def int8_states_on_fsdp2(rank, world_size, shared_dir):
     memory order); whether a param is quantised is decided on its global numel; state_dict()
     holds the decoded moments as float32 DTensors; state_bytes() counts local shards; the
     backends agree bit for bit."""
+    _quantized_states_on_fsdp2(rank, world_size, "int8")
+
+
+def fp8_states_on_fsdp2(rank, world_size, shared_dir):
+    """The same for float8 e4m3 codes (DTensors of float8_e4m3fn)."""
+    _quantized_states_on_fsdp2(rank, world_size, "fp8")
+
+
+def _quantized_states_on_fsdp2(rank, world_size, state_dtype):
     from triton_adam import _quantize
 
+    fmt = _quantize.FORMATS[state_dtype]
+    options = dict(INT8, state_dtype=state_dtype)
     held = {}
     for backend in BACKENDS:
         model = _int8_model(seed=6)
         params = list(model.parameters())
-        opt = triton_adam.AdamW(params, backend=backend, **INT8)
-        twins, ref = _plain_int8_twin(params, backend)
+        opt = triton_adam.AdamW(params, backend=backend, **options)
+        twins, ref = _plain_int8_twin(params, backend, options)
         for step in range(STEPS):
             _step_with_local_grads(opt, params, ref, twins, seed=100 * step + rank)
         _assert_int8_twins(opt, params, ref, twins, f"{backend}: ")
         big, row, small = (opt.state[p] for p in params)
-        assert local(big["exp_avg"]).numel() < 4096 and big["exp_avg"].dtype == torch.int8
-        assert row["exp_avg_sq"].dtype == torch.uint8 and small["exp_avg"].dtype == torch.float32
+        assert local(big["exp_avg"]).numel() < 4096 and big["exp_avg"].dtype == fmt.signed_dtype
+        assert row["exp_avg_sq"].dtype == fmt.unsigned_dtype
+        assert small["exp_avg"].dtype == torch.float32
         if world_size == 2:
             assert local(row["exp_avg"]).shape == ((1, 4100), (0, 4100))[rank]
         numel = local(params[0]).numel()
@@ -666,8 +678,8 @@ def int8_states_on_fsdp2(rank, world_size, shared_dir):
         saved = opt.state_dict()["state"][0]
         assert isinstance(saved["exp_avg"], DTensor) and saved["exp_avg"].dtype == torch.float32
         assert saved["exp_avg"].placements == params[0].placements
-        decoded = _quantize.decode_exp_avg(local(big["exp_avg"]).flatten(), big["exp_avg_scale"])
-        assert torch.equal(local(saved["exp_avg"]).flatten(), decoded)
+        decoded = _quantize.dense(params[0], big)["exp_avg"]
+        assert torch.equal(local(saved["exp_avg"]), local(decoded))
         held[backend] = [[local(p).clone()] + [local(t).clone() for t in opt.state[p].values()]
                          for p in params[:2]]
     for torch_side, triton_side in zip(held["torch"], held["triton"]):

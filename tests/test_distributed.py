@@ -36,6 +36,7 @@ WORLD_2 = [
     "zero_redundancy_with_an_empty_rank",
     "readme_fsdp2_example",
     "int8_states_on_fsdp2",
+    "fp8_states_on_fsdp2",
     # the saves last: the load worlds below read what they wrote
     "int8_dcp_save",
     "dcp_save",
