@@ -112,10 +112,6 @@ def _unpack(packed: Tensor, numel: int, signed: bool) -> Tensor:
     return nibbles.to(torch.float32)
 
 
-def _fp8_values(codes: Tensor) -> Tensor:
-    return codes.to(torch.float32)
-
-
 def _to_fp8(x: Tensor) -> Tensor:
     return x.to(torch.float8_e4m3fn)  # nearest even; |x| <= 448 here, so never NaN
 
