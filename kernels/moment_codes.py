@@ -12,6 +12,7 @@ import triton.language as tl
 
 QUANT_NONE, QUANT_INT8, QUANT_INT4, QUANT_FP8 = map(tl.constexpr, range(4))
 FP8_MAX = tl.constexpr(448.0)  # float8 e4m3fn's largest finite value
+FLOAT32_MAX = tl.constexpr(3.4028234663852886e38)
 
 
 @triton.jit
@@ -110,6 +111,11 @@ def store_moment(codes_ptr, scale_ptr, value, offsets, mask, n_valid, SIGNED: tl
     and its blocks' scales (the absolute maximum, of the root for a second moment)."""
     if mask is not None:  # lanes past the tensor take no part in their block's scale
         value = tl.where(mask, value, 0.0)
+    # a NaN moment is stored as 0 (its param is NaN already) and an infinite one as the largest
+    # float32, so that its block's scale stays finite and the other codes stay meaningful
+    value = tl.where(value != value, 0.0, value)
+    value = tl.where(value > FLOAT32_MAX, FLOAT32_MAX, value)
+    value = tl.where(value < -FLOAT32_MAX, -FLOAT32_MAX, value)
     if SIGNED:
         x = value
     else:

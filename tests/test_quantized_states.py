@@ -374,22 +374,31 @@ def test_a_checkpoint_through_a_file_continues_bit_identically(device, backend, 
     assert opt2.state[resumed[0]]["exp_avg_scale"].dtype == torch.float32
 
 
-@pytest.mark.parametrize("target", ["fp32-moments", "bf16-moments", "now-small", "relaid"])
+@pytest.mark.parametrize("target", ["fp32-moments", "bf16-moments", "now-small", "relaid",
+                                    "int4-relaid", "int4-from-transposed"])
 def test_a_compact_checkpoint_in_another_storage_becomes_what_a_dense_one_would(target):
     """Where the param's storage differs (float32 or bfloat16 moments; int8, but the param now
     under min_quantized_numel; int8 codes of a param now laid out otherwise), a compact
     checkpoint is decoded (and re-quantised) at the next step: exactly what loading the dense
     checkpoint of the same state gives."""
-    params, opt = run("torch", "cpu")
+    # int4's packed codes carry no layout: a checkpoint holds them row-major, else dense
+    int4 = target.startswith("int4")
+    params, opt = run("torch", "cpu", state_dtype="int4" if int4 else "int8")
+    if target == "int4-from-transposed":  # a row-major param saved, loaded as a transposed one
+        params[1] = torch.nn.Parameter(params[1].detach().contiguous())
+        opt = triton_adam.AdamW(params, lr=1e-2, backend="torch", state_dtype="int4")
+        _continue(params, opt, seed=8)
     options = {"fp32-moments": dict(state_dtype=None),
                "bf16-moments": dict(state_dtype=torch.bfloat16),
                "now-small": dict(state_dtype="int8", min_quantized_numel=10**6),
-               "relaid": dict(state_dtype="int8")}[target]
+               "relaid": dict(state_dtype="int8")}.get(target, dict(state_dtype="int4"))
     resumed = []
     for compact in (True, False):
         copies = [torch.nn.Parameter(p.detach().clone()) for p in params]
-        if target == "relaid":
+        if target in ("relaid", "int4-relaid"):
             copies[1] = torch.nn.Parameter(copies[1].detach().contiguous())
+        elif target == "int4-from-transposed":
+            copies[1] = torch.nn.Parameter(copies[1].detach().t().contiguous().t())
         opt2 = triton_adam.AdamW(copies, lr=1e-2, backend="torch", **options)
         opt2.load_state_dict(copy.deepcopy(opt.state_dict(compact=compact)))
         _continue(copies, opt2, seed=9)
@@ -398,10 +407,68 @@ def test_a_compact_checkpoint_in_another_storage_becomes_what_a_dense_one_would(
     _assert_same_run(a, opt_a, b, opt_b)
     held = opt_a.state[a[1]]
     expected = {"fp32-moments": torch.float32, "bf16-moments": torch.bfloat16,
-                "now-small": torch.float32, "relaid": torch.int8}[target]
+                "now-small": torch.float32, "relaid": torch.int8}.get(target, torch.uint8)
     assert held["exp_avg"].dtype == expected
-    assert ("exp_avg_scale" in held) == (target == "relaid")
-    assert held["exp_avg"].stride() == a[1].stride()
+    assert ("exp_avg_scale" in held) == (target in ("relaid", "int4-relaid",
+                                                    "int4-from-transposed"))
+    if not int4:
+        assert held["exp_avg"].stride() == a[1].stride()
+
+
+def test_a_refused_step_leaves_loaded_codes_as_they_were():
+    """Codes loaded for a param laid out otherwise are re-quantised when the step prepares
+    the state, in a new dict stored only once the step goes ahead: a step refused for
+    another param leaves them, bit for bit."""
+    source = [torch.nn.Parameter(torch.randn(70, 64).t()), torch.nn.Parameter(torch.randn(10))]
+    opt = triton_adam.AdamW(source, backend="torch", state_dtype="int8")
+    _continue(source, opt, seed=3, steps=1)
+    target = [torch.nn.Parameter(source[0].detach().contiguous()),
+              torch.nn.Parameter(source[1].detach().clone())]
+    opt2 = triton_adam.AdamW(target, backend="torch", state_dtype="int8")
+    opt2.load_state_dict(copy.deepcopy(opt.state_dict(compact=True)))
+    before = {k: v.clone() for k, v in opt2.state[target[0]].items()}
+    for p in target:
+        p.grad = torch.randn_like(p)
+    opt2.state[target[1]]["exp_avg"] = torch.randn(5)  # a bad state: the step is refused
+    with pytest.raises(ValueError, match="param 1 of group 0"):
+        opt2.step()
+    after = opt2.state[target[0]]
+    assert all(torch.equal(after[k], v) and after[k].stride() == v.stride()
+               for k, v in before.items())
+
+
+@pytest.mark.parametrize("name", FORMATS)
+@pytest.mark.parametrize("bad", ["overflow", "nan"])
+def test_a_non_finite_moment_leaves_its_block_usable_on_both_backends(name, bad):
+    """A grad whose square overflows float32 (v = inf) or a NaN grad: its moment is encoded
+    as the largest float32 (NaN: 0), so the block's scale stays finite; the backends agree,
+    and, as torch.optim.AdamW, only the NaN grad's own param becomes NaN."""
+    needs_interpreter()
+    runs = []
+    for backend in ("triton", "torch"):
+        generator = torch.Generator().manual_seed(4)
+        p = torch.nn.Parameter(torch.randn(600, generator=generator))
+        opt = triton_adam.AdamW([p], lr=1e-2, backend=backend, state_dtype=name,
+                                min_quantized_numel=0)
+        for step in range(3):
+            p.grad = torch.randn(600, generator=generator)
+            if step == 0:
+                p.grad[5] = 1e21 if bad == "overflow" else float("nan")
+            opt.step()
+        runs.append((p, opt.state[p]))
+    (a, state_a), (b, state_b) = runs
+    torch.testing.assert_close(a, b, rtol=0, atol=0, equal_nan=True)
+    for key, value in state_a.items():
+        other = state_b[key]
+        if value.dtype == torch.float8_e4m3fn:
+            value, other = value.view(torch.uint8), other.view(torch.uint8)
+        assert torch.equal(value, other), key
+    assert all(torch.isfinite(state_a[key]).all() for key in _quantize.SCALE_KEYS
+               if key in state_a)
+    finite = torch.isfinite(a)
+    assert finite.sum() == 600 - (bad == "nan") and (bad == "overflow" or not finite[5])
+    dense = _quantize.dense(a, state_a)
+    assert torch.isfinite(dense["exp_avg"]).all() and (dense["exp_avg_sq"] > 0).all()
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])

@@ -620,15 +620,15 @@ def _check_state_layout(member: Member, amsgrad: bool) -> None:
     what = _validation.describe(member.group_index, member.position, member.param)
     keys = memory_keys(amsgrad, member.extra_key)
     fmt = member.precision.format
-    if fmt is not None and fmt.packed:
-        keys = (member.extra_key,) if member.extra_key else ()  # flat codes: no layout
-    for key in keys:  # codes included: their blocks are the local shard's
+    if fmt is not None:
+        # codes were re-laid when the state was prepared (optimizer.prepared_state): a new
+        # layout is a new quantisation, never done here, in a state already stored
+        keys = (member.extra_key,) if member.extra_key else ()
+        if not fmt.packed:
+            for key in state_key_names(amsgrad):  # their blocks are the local shard's
+                _distributed.check_local_layout(what, key, member.param, member.state[key])
+    for key in keys:
         _distributed.check_local_layout(what, key, member.param, member.state[key])
-    if fmt is not None and not fmt.packed and member.numel > 1 \
-            and local(member.state["exp_avg"]).stride() != member.stride:
-        # codes are blocked in memory order: a new layout is a new quantisation
-        member.state.update(_quantize.quantized(
-            member.param, **_quantize.dense(member.param, member.state), fmt=fmt))
     for key in keys:
         value = member.state[key]
         if local(value).stride() != member.stride and member.numel > 1:

@@ -38,6 +38,7 @@ from ._distributed import local
 
 MIN_QUANTIZED_NUMEL = 4096
 FP8_MAX = 448.0
+FLOAT32_MAX = torch.finfo(torch.float32).max
 
 
 @dataclass(frozen=True)
@@ -116,9 +117,15 @@ def _to_fp8(x: Tensor) -> Tensor:
     return x.to(torch.float8_e4m3fn)  # nearest even; |x| <= 448 here, so never NaN
 
 
+def _finite(x: Tensor) -> Tensor:
+    """What is encoded: a NaN moment as 0 (its param is NaN already; the block keeps its
+    scale) and an infinite one as the largest float32, so that a block's scale stays finite."""
+    return torch.nan_to_num(x, nan=0.0, posinf=FLOAT32_MAX, neginf=-FLOAT32_MAX)
+
+
 def encode_signed(x: Tensor, fmt: Format = FORMATS["int8"]):
     """float32 ``x`` (flat) -> (codes, float32 scales [n_blocks])."""
-    blocks = _blocks(x, fmt.block)
+    blocks = _blocks(_finite(x), fmt.block)
     scale = blocks.abs().amax(dim=1)
     u = torch.where(scale[:, None] > 0, blocks / scale[:, None], torch.zeros_like(blocks))
     if not fmt.signed_levels:
@@ -146,7 +153,7 @@ def decode_signed(codes: Tensor, scale: Tensor, numel: int, fmt: Format = FORMAT
 
 def encode_unsigned(v: Tensor, fmt: Format = FORMATS["int8"]):
     """float32 ``v >= 0`` (flat) -> (codes, float32 scales [n_blocks] of sqrt(v))."""
-    s = _blocks(_sqrt(v), fmt.block)
+    s = _blocks(_sqrt(_finite(v)), fmt.block).abs()  # (a -0.0 moment's root is +0 here)
     scale = s.amax(dim=1)
     r = torch.where(scale[:, None] > 0, s / scale[:, None], torch.zeros_like(s))
     if not fmt.unsigned_levels:
@@ -281,6 +288,37 @@ def dense(param: Tensor, state: dict, dtype=torch.float32) -> dict:
         values = _from_memory_order(values, shard if fmt.packed else codes).to(dtype)
         out[key] = _distributed.shaped_like(param, laid_out_as(values, shard))
     return out
+
+
+def portable_codes(param: Tensor, state: dict) -> bool:
+    """Whether ``state``'s codes (if any) mean the same in any param of its shape. Param-shaped
+    codes carry their layout (a param laid out otherwise re-quantises them, see ``relaid``);
+    packed ones are in the param's memory order, row-major only for a contiguous param."""
+    fmt = format_of(state)
+    return fmt is None or not fmt.packed or local(param).is_contiguous()
+
+
+def from_checkpoint(param: Tensor, state: dict) -> dict:
+    """A loaded ``state`` for ``param``: packed codes, which a checkpoint holds in row-major
+    order (see ``portable_codes``), decoded to dense moments where ``param``'s memory order is
+    another (the next step quantises them in its order); otherwise ``state`` itself."""
+    if portable_codes(param, state):
+        return state
+    shard = local(param)
+    row_major = torch.empty(shard.shape, dtype=shard.dtype, device=state["exp_avg"].device)
+    rest = {k: v for k, v in state.items() if k not in MOMENT_KEYS + SCALE_KEYS}
+    return {**rest, **dense(row_major, state)}
+
+
+def relaid(param: Tensor, state: dict) -> dict:
+    """``state`` with param-shaped codes laid out as ``param`` (a new quantisation, in its
+    memory order, where they are laid out otherwise: a new dict); otherwise ``state``."""
+    fmt = format_of(state)
+    if fmt is None or fmt.packed or local(param).numel() <= 1 or \
+            local(state["exp_avg"]).stride() == local(param).stride():
+        return state
+    rest = {k: v for k, v in state.items() if k not in MOMENT_KEYS + SCALE_KEYS}
+    return {**rest, **quantized(param, **dense(param, state), fmt=fmt)}
 
 
 def convert(param: Tensor, state: dict, quantize, dtype=None) -> dict:

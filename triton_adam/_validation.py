@@ -162,7 +162,7 @@ def check_state(group_index: int, position: int, param: Tensor, state: dict, ams
 
 
 def check_dense_moments(group_index: int, position: int, param: Tensor, state: dict) -> None:
-    """Raise if loaded dense moments, about to be quantised into 8-bit codes of ``param``'s
+    """Raise if loaded dense moments, about to be quantised into codes of ``param``'s
     blocks (its local shard's for a DTensor), cannot be its moments."""
     what = describe(group_index, position, param)
     _check_present(what, state, ("exp_avg", "exp_avg_sq"))
@@ -171,7 +171,7 @@ def check_dense_moments(group_index: int, position: int, param: Tensor, state: d
         _check_like_param(what, key, value, param)
         if not value.is_floating_point():
             raise TypeError(f"{what}: state '{key}' has dtype {value.dtype}, expected dense "
-                            "floating-point moments (or 8-bit codes with their scales)")
+                            "floating-point moments (or codes with their scales)")
         _distributed.check_local_layout(what, key, param, value)
 
 

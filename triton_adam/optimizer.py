@@ -210,18 +210,20 @@ class _FusedAdamBase(torch.optim.Optimizer):
         the stochastic-rounding seed is in the param groups.
 
         Args:
-            compact (bool): keep 8-bit moments (``state_dtype="int8"``) as they are held,
-                codes and float32 block scales under the live state's keys, instead of
-                decoding them to dense float32 moments: about a quarter of the size. Only this
-                package's ``load_state_dict`` reads such a dict (into any storage mode: the
-                next step decodes or re-lays the codes where it must); torch's optimizers do
-                not.
+            compact (bool): keep quantised moments (``state_dtype="int8"``, ``"fp8"``,
+                ``"int4"``) as they are held, codes and float32 block scales under the live
+                state's keys, instead of decoding them to dense float32 moments: about a
+                quarter of the size for int8. Only this package's ``load_state_dict`` reads
+                such a dict (into any storage mode: the next step decodes or re-lays the codes
+                where it must); torch's optimizers do not. int4's packed codes carry no layout:
+                a param not laid out row-major has its moments written dense.
         """
         saved = super().state_dict()
         params = [p for group in self.param_groups for p in group["params"]]
         for index, state in saved["state"].items():
-            if _quantize.is_quantized(state) and not compact:
-                # 8-bit moments: dense float32 ones, torch's form
+            if _quantize.is_quantized(state) and not (
+                    compact and _quantize.portable_codes(params[index], state)):
+                # quantised moments: dense float32 ones, torch's form
                 state = saved["state"][index] = _quantize.convert(params[index].detach(), state,
                                                                   quantize=False)
             if "master_remainder" in state:
@@ -233,18 +235,18 @@ class _FusedAdamBase(torch.optim.Optimizer):
     def load_state_dict(self, state_dict: dict) -> None:
         """Load a state dict saved by this class or by torch.optim.Adam/AdamW (any device).
 
-        Every state tensor (moments, float32 masters, a compact state dict's 8-bit codes and
+        Every state tensor (moments, float32 masters, a compact state dict's codes and
         float32 block scales) keeps the dtype it was saved in (torch's loader would cast them
         to the params' dtype, rounding float32 moments, masters or scales of 16-bit params and
         turning codes into floats). How the state is held (state_dtype, master_weights,
         kahan_summation, stochastic_rounding, min_quantized_numel) stays as this optimizer was
         built: the next step converts the loaded state to it (a True checkpoint loads into
         "compact" and back, the master exactly; a torch checkpoint starts masters from the
-        params; dense moments are quantised and 8-bit ones decoded where the param's storage
+        params; dense moments are quantised and codes decoded where the param's storage
         differs). Everything else in the param groups (lr, betas, ..., the stochastic-rounding
         seed) is the checkpoint's, as in torch.
         """
-        # every state tensor but the step count, whatever its key (8-bit codes and their
+        # every state tensor but the step count, whatever its key (codes and their
         # float32 scales included): torch's loader casts them all to the param's dtype
         kept = {(key, name): tensor for key, value in state_dict["state"].items()
                 if isinstance(value, dict)
@@ -266,6 +268,9 @@ class _FusedAdamBase(torch.optim.Optimizer):
                 param = by_id[key]
                 if self.state[param][name].dtype != value.dtype:  # torch's cast changed it
                     self.state[param][name] = value.detach().to(device=param.device).clone()
+            for param in by_id.values():
+                if param in self.state:  # packed codes of a param laid out otherwise
+                    self.state[param] = _quantize.from_checkpoint(param, self.state[param])
         for group in self.param_groups:
             # a state dict that went through a broadcast or JSON holds betas as a list
             group["betas"] = tuple(map(_validation.to_scalar, group["betas"]))
@@ -455,6 +460,7 @@ def prepared_state(group_index: int, position: int, param: Tensor, group: dict, 
         _validation.check_dense_moments(group_index, position, param, state)
     try:
         state = _quantize.convert(param, state, precision.format, precision.dense_dtype)
+        state = _quantize.relaid(param, state)
     except (RuntimeError, ValueError, KeyError) as error:
         raise ValueError(f"{what}: its loaded moments cannot be converted to its storage "
                          f"(a state dict saved for another param?): {error}") from error
@@ -482,8 +488,8 @@ def _adopt_loaded_state(group_index: int, position: int, param: Tensor, state: d
 
     # 8-bit codes and their scales describe this rank's blocks together: redistributed codes
     # would no longer match their scales (the plan's checks refuse ones that do not fit)
-    as_held = ("step",) + (("exp_avg", "exp_avg_sq") + _quantize.SCALE_KEYS
-                           if "exp_avg_scale" in state else ())
+    as_held = ("step",) + (_quantize.MOMENT_KEYS + _quantize.SCALE_KEYS
+                           if _quantize.is_quantized(state) else ())
 
     def adopt(key, value):
         if key in as_held or not isinstance(value, Tensor):
