@@ -67,6 +67,7 @@ RUNS = [
     ("torchao _AdamW bf16 SR (peer)", torch.bfloat16, _peer("torchao-bf16-sr")),
     ("optimi AdamW Kahan (peer)", torch.bfloat16, _peer("optimi-kahan")),
     ("torchao AdamW8bit (peer)", torch.float32, _peer("torchao-8bit")),
+    ("bitsandbytes AdamW8bit (peer)", torch.float32, _peer("bnb-8bit")),
     ("torchao AdamWFp8 (peer)", torch.float32, _peer("torchao-fp8")),
     ("torchao AdamW4bit (peer)", torch.float32, _peer("torchao-4bit")),
 ]
@@ -260,7 +261,8 @@ def run(out_dir: str, quick: bool, tracker, device: str, threads: int) -> Sectio
              "within 1% on the char-level GPT): "
              f"`state_dtype=\"int8\"` (2.03 B of state per quantised param) "
              f"{gaps('fp32 params, int8 states')}, torchao AdamW8bit "
-             f"{gaps('torchao AdamW8bit (peer)')}; `\"fp8\"` (2.03 B) "
+             f"{gaps('torchao AdamW8bit (peer)')}, bitsandbytes AdamW8bit "
+             f"{gaps('bitsandbytes AdamW8bit (peer)')}; `\"fp8\"` (2.03 B) "
              f"{gaps('fp32 params, fp8 states')}, torchao AdamWFp8 "
              f"{gaps('torchao AdamWFp8 (peer)')}; `\"int4\"` (1.06 B) "
              f"{gaps('fp32 params, int4 states')}, torchao AdamW4bit "
