@@ -32,6 +32,7 @@ def test_every_specialisation_compiles(reports):
     # dtypes x none, Kahan, master, remainder, stochastic rounding; fp16: 2 x none, Kahan,
     # master) x amsgrad x aligned; "ci" and "coverage": amsgrad with float32 grads, 9 roles
     step += 3 * (17 * 2 * 2 if aot_jobs.SCOPE == "all" else 9 * 2)
+    step += 3 * 3 * 2  # each format's 3 other block sizes (quant_block_size), aligned or not
     assert counts == {"adam_coefficients_kernel": 4, "adam_step_kernel": step,
                       "grad_norm_partials_kernel": 3 * 3 * 2, "grad_norm_finalize_kernel": 3 * 3,
                       "grad_norm_segments_kernel": 3}

@@ -222,6 +222,33 @@ def test_a_bf16_params_master_steps_as_float32_params_do(device, backend, master
     assert (p16.float() - p32).abs().max() <= p32.abs().max() * 2.0**-8
 
 
+@pytest.mark.parametrize("name,block", [("int8", 64), ("int4", 512), ("fp8", 128)])
+def test_block_size_is_a_keyword(name, block):
+    """quant_block_size: the scales follow it (both backends, the same bits), a checkpoint
+    saved with one block size loads into another (re-quantised as a dense one would be), and
+    a size the kernels cannot tile is refused."""
+    needs_interpreter()
+    (a, opt_a), (b, opt_b) = (run(backend, "cpu", state_dtype=name, quant_block_size=block,
+                                  amsgrad=True) for backend in ("triton", "torch"))
+    assert_same_state(opt_a, a, opt_b, b)
+    assert opt_a.state[a[0]]["exp_avg_scale"].shape == (-(-5000 // block),)
+    resumed = []
+    for compact in (True, False):
+        copies = [torch.nn.Parameter(p.detach().clone()) for p in a]
+        opt = triton_adam.AdamW(copies, lr=1e-2, backend="torch", state_dtype=name,
+                                amsgrad=True)  # the format's default block size
+        opt.load_state_dict(copy.deepcopy(opt_a.state_dict(compact=compact)))
+        _continue(copies, opt, seed=2)
+        resumed.append((copies, opt))
+    (c, opt_c), (d, opt_d) = resumed
+    _assert_same_run(c, opt_c, d, opt_d)
+    assert opt_c.state[c[0]]["exp_avg_scale"].shape == (
+        _quantize.n_blocks(5000, fmt_of(name)),)
+    for bad in (96, 1024, True):
+        with pytest.raises(ValueError, match="quant_block_size"):
+            triton_adam.AdamW(a, state_dtype=name, quant_block_size=bad)
+
+
 @pytest.mark.parametrize("device,backend", DEVICE_BACKENDS)
 @pytest.mark.parametrize("name,amsgrad", [("int8", True), ("int4", False), ("fp8", True)])
 def test_follows_a_float64_reference_that_quantises_the_same_way(device, backend, name,

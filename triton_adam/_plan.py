@@ -273,7 +273,7 @@ class TritonBucket:
             MASTER=KERNEL_MASTER_MODES[precision.extra],
             STOCHASTIC_ROUNDING=precision.stochastic,
             QUANT=KERNEL_QUANT_MODES[precision.codes],
-            QUANT_BLOCK=_quantize.FORMATS[precision.codes].block if precision.codes else 256,
+            QUANT_BLOCK=precision.block_size,
         )
 
     def prepare(self, grads) -> None:
@@ -409,7 +409,8 @@ class StepPlan:
                 # launch; torch's fused kernels take them per call, hence per group.
                 # (a quantised group's small params, with dense moments, join its launch)
                 dtypes = (member.flat_param.dtype, precision.dense_dtype, grad.dtype,
-                          precision.extra, precision.stochastic, precision.codes)
+                          precision.extra, precision.stochastic, precision.codes,
+                          precision.block_size)
                 key = (backend, param.device, dtypes, amsgrad)
                 if backend == "torch":
                     # (codes and dense moments apart: torch's fused kernel takes the latter)

@@ -46,6 +46,7 @@ class Precision:
     extra: str | None = None
     stochastic: bool = False
     codes: str | None = None
+    block: int | None = None  # the group's quant_block_size (None: the format's default)
 
     @property
     def extra_key(self):
@@ -59,7 +60,16 @@ class Precision:
     @property
     def format(self):
         """The _quantize.Format of this param's codes (None: dense moments)."""
-        return _quantize.FORMATS[self.codes] if self.quantized else None
+        if not self.quantized:
+            return None
+        return _quantize.with_block(_quantize.FORMATS[self.codes], self.block)
+
+    @property
+    def block_size(self) -> int:
+        """Elements per scale of the group's codes (256 without codes: unused)."""
+        if self.codes is None:
+            return 256
+        return _quantize.with_block(_quantize.FORMATS[self.codes], self.block).block
 
     @property
     def dense_dtype(self) -> torch.dtype:
@@ -135,7 +145,7 @@ def of(group: dict, param: Tensor, what: str = "a param") -> Precision:
     elif dtype not in (torch.float32,) + SIXTEEN_BIT:
         raise TypeError(f"{what}: state_dtype={state_dtype} applies to float32, bfloat16 and "
                         f"float16 params, not {dtype}")
-    return Precision(state_dtype, extra, stochastic, codes)
+    return Precision(state_dtype, extra, stochastic, codes, group.get("quant_block_size"))
 
 
 # --- the float32 value and its forms (torch ops on local shards; the kernels' rules) ---

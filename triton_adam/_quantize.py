@@ -28,7 +28,7 @@ manipulation) in registers: no table lookups.
 """
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import torch
 from torch import Tensor
@@ -71,11 +71,29 @@ def scale_key(key: str) -> str:
     return f"{key}_scale"
 
 
-def format_of(state: dict):
-    """The Format of a state's codes, or None for dense moments."""
+# the block sizes a format may take (``quant_block_size``): powers of two that divide the
+# kernels' smallest tile (512 elements)
+BLOCK_SIZES = (64, 128, 256, 512)
+
+
+def with_block(fmt: Format, block: int | None) -> Format:
+    """``fmt`` with ``block`` elements per scale (None: its default)."""
+    return replace(fmt, block=block) if block and block != fmt.block else fmt
+
+
+def format_of(state: dict, numel: int | None = None):
+    """The Format of a state's codes, or None for dense moments. With ``numel`` (the elements
+    the codes stand for), its block size too, read from the scales' count: one of
+    BLOCK_SIZES gives that count (when several do, one block holds every element, and they
+    all decode alike)."""
     if scale_key("exp_avg") not in state:
         return None
-    return _BY_SIGNED_DTYPE[state["exp_avg"].dtype]
+    fmt = _BY_SIGNED_DTYPE[state["exp_avg"].dtype]
+    if numel is None:
+        return fmt
+    n_scales = state[scale_key("exp_avg")].numel()
+    fits = [b for b in BLOCK_SIZES if -(-numel // b) == n_scales]
+    return fmt if fmt.block in fits or not fits else with_block(fmt, fits[0])
 
 
 def n_blocks(numel: int, fmt: Format = FORMATS["int8"]) -> int:
@@ -274,8 +292,8 @@ def quantized(param: Tensor, exp_avg: Tensor, exp_avg_sq: Tensor,
 def dense(param: Tensor, state: dict, dtype=torch.float32) -> dict:
     """``state``'s quantised moments as dense ``dtype`` tensors laid out as the param (DTensors
     with its placements for a DTensor param, decoded from the local shards)."""
-    fmt = format_of(state)
     shard = local(param)
+    fmt = format_of(state, shard.numel())
     out = {}
     for key in MOMENT_KEYS:
         if scale_key(key) not in state:
@@ -313,7 +331,7 @@ def from_checkpoint(param: Tensor, state: dict) -> dict:
 def relaid(param: Tensor, state: dict) -> dict:
     """``state`` with param-shaped codes laid out as ``param`` (a new quantisation, in its
     memory order, where they are laid out otherwise: a new dict); otherwise ``state``."""
-    fmt = format_of(state)
+    fmt = format_of(state, local(param).numel())
     if fmt is None or fmt.packed or local(param).numel() <= 1 or \
             local(state["exp_avg"]).stride() == local(param).stride():
         return state
@@ -325,7 +343,7 @@ def convert(param: Tensor, state: dict, quantize, dtype=None) -> dict:
     """``state`` with its moments as codes of format ``quantize`` (a name or Format; True:
     int8) or dense (``quantize`` falsy, in ``dtype``); the same dict when they already are."""
     fmt = FORMATS["int8"] if quantize is True else FORMATS.get(quantize, quantize) or None
-    held = format_of(state)
+    held = format_of(state, local(param).numel())
     if fmt == held:
         return state
     rest = {k: v for k, v in state.items() if k not in MOMENT_KEYS + SCALE_KEYS}

@@ -141,7 +141,7 @@ class TorchBucket:
             second = torch.maximum(moments["max_exp_avg_sq"], v) if self.amsgrad else v
             if codes is not None:
                 values = _quantize.quantized(param, m, v, second if self.amsgrad else None,
-                                             _quantize.format_of(codes))
+                                             _quantize.format_of(codes, param.numel()))
                 new = {codes[key]: value for key, value in values.items()}
             else:
                 new = {exp_avg: m, exp_avg_sq: v}

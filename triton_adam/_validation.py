@@ -69,6 +69,15 @@ def check_state_dtype(state_dtype) -> None:
                          f"{list(_quantize.FORMATS)}, got {state_dtype!r}")
 
 
+def check_quant_block_size(block_size) -> None:
+    """Raise ValueError for a quant_block_size the kernels cannot tile (a power of two that
+    divides their smallest tile)."""
+    if block_size is not None and (isinstance(block_size, bool)
+                                   or block_size not in _quantize.BLOCK_SIZES):
+        raise ValueError(f"quant_block_size must be None or one of {list(_quantize.BLOCK_SIZES)}, "
+                         f"got {block_size!r}")
+
+
 def describe(group_index: int, position: int, param: Tensor) -> str:
     """'param 3 of group 0 (shape (37, 51), torch.float32, cuda:0)' for error messages."""
     shard = ""

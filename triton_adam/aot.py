@@ -14,6 +14,7 @@ from pathlib import Path
 
 from ._tables import (ALIGNED_TILE_SIZE, BLOCK_SIZE, NUM_WARPS, QUANT_MAX_REGISTERS,
                       UNALIGNED_TILE_SIZE, step_tile_size)
+from ._quantize import BLOCK_SIZES
 from .kernels import adam_step, grad_norm, moment_codes
 
 DTYPES = ("fp32", "bf16", "fp16")
@@ -59,7 +60,8 @@ def step_kernel_specs(scope: str = "all"):
 
     ``scope``: "all", every one (``triton-adam kernels``); "ci", every dense-moment one and
     those quantised ones that bound the others (amsgrad, float32 grads: the most registers;
-    every format, param dtype, master and alignment); "coverage" (the old-Triton lane of CI),
+    every format, param dtype, master and alignment; the other block sizes in the role with
+    the most registers, as in "all"); "coverage" (the old-Triton lane of CI),
     moreover the precision roles only in the AMP mode with the most code (grad_scale and
     found_inf), which bounds the others' registers. Quantised launches always take the AMP
     arguments (see _plan.TritonBucket.step_amp_arguments).
@@ -81,11 +83,22 @@ def step_kernel_specs(scope: str = "all"):
                 itertools.product(_quantized_roles(), (False, True), (True, False)):
             if scope != "all" and not (amsgrad and grad_dtype == "fp32"):
                 continue
-            yield dict(PARAM_DTYPE=dtype, GRAD_DTYPE=grad_dtype, STATE_DTYPE=state_dtype,
-                       AMSGRAD=amsgrad, MASTER=master, STOCHASTIC_ROUNDING=stochastic,
-                       HAS_GRAD_SCALE=True, HAS_FOUND_INF=True, ALIGNED=aligned,
-                       BLOCK_SIZE=BLOCK_SIZE, TILE_SIZE=step_tile_size(aligned, master, quant),
-                       QUANT=quant, QUANT_BLOCK=quant_block)
+            yield _quantized_spec(dtype, grad_dtype, state_dtype, master, stochastic, amsgrad,
+                                  aligned, quant, quant_block)
+        # the other block sizes (quant_block_size) in the role with the most registers
+        for block, aligned in itertools.product(BLOCK_SIZES, (True, False)):
+            if block != quant_block:
+                yield _quantized_spec("bf16", "fp32", "fp32", int(adam_step.MASTER_FP32), False,
+                                      True, aligned, quant, block)
+
+
+def _quantized_spec(dtype, grad_dtype, state_dtype, master, stochastic, amsgrad, aligned, quant,
+                    quant_block):
+    return dict(PARAM_DTYPE=dtype, GRAD_DTYPE=grad_dtype, STATE_DTYPE=state_dtype,
+                AMSGRAD=amsgrad, MASTER=master, STOCHASTIC_ROUNDING=stochastic,
+                HAS_GRAD_SCALE=True, HAS_FOUND_INF=True, ALIGNED=aligned,
+                BLOCK_SIZE=BLOCK_SIZE, TILE_SIZE=step_tile_size(aligned, master, quant),
+                QUANT=quant, QUANT_BLOCK=quant_block)
 
 
 def coefficient_kernel_specs():

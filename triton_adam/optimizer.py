@@ -64,6 +64,10 @@ _COMMON_DOC = """
             local tensors; quantised or not by the whole param's numel).
         min_quantized_numel (int): with quantised moments, params with fewer elements keep
             float32 moments (default 4096: biases and norms).
+        quant_block_size (int, optional): elements per float32 scale of quantised moments,
+            64, 128, 256 or 512 (None: 256 for "int8" and "fp8", 128 for "int4"). Smaller
+            blocks follow outliers more closely and hold 4 bytes of scale per block and
+            moment.
         master_weights (bool or "compact"): for bfloat16/float16 params, step a float32 master
             in the param's place and write its rounding back to the param, in the same launch;
             the master's trajectory is float32 torch AdamW's, bit for bit. True keeps the
@@ -108,13 +112,15 @@ class _FusedAdamBase(torch.optim.Optimizer):
                  capturable, differentiable, fused, decoupled_weight_decay, backend,
                  max_grad_norm, skip_nonfinite, eps_mode, bias_correction, weight_decay_mode,
                  state_dtype, master_weights, kahan_summation=False, stochastic_rounding=False,
-                 seed=0, min_quantized_numel=_quantize.MIN_QUANTIZED_NUMEL):
+                 seed=0, min_quantized_numel=_quantize.MIN_QUANTIZED_NUMEL,
+                 quant_block_size=None):
         if backend not in BACKENDS:
             raise ValueError(f"backend must be one of {BACKENDS}, got {backend!r}")
         if max_grad_norm is not None and not max_grad_norm > 0:
             raise ValueError(f"Invalid max_grad_norm: {max_grad_norm} (must be > 0 or None)")
         _validation.check_formulation(eps_mode, weight_decay_mode)
         _validation.check_state_dtype(state_dtype)
+        _validation.check_quant_block_size(quant_block_size)
         _precision.check_options(master_weights, kahan_summation, stochastic_rounding, seed)
         self.max_grad_norm = max_grad_norm
         self.skip_nonfinite = bool(skip_nonfinite)
@@ -137,7 +143,8 @@ class _FusedAdamBase(torch.optim.Optimizer):
                         state_dtype=state_dtype, master_weights=master_weights,
                         kahan_summation=kahan_summation,
                         stochastic_rounding=stochastic_rounding, seed=seed,
-                        min_quantized_numel=min_quantized_numel)
+                        min_quantized_numel=min_quantized_numel,
+                        quant_block_size=quant_block_size)
         super().__init__(params, defaults)
         # GradScaler hands us grad_scale/found_inf instead of unscaling and syncing itself.
         self._step_supports_amp_scaling = True
@@ -152,6 +159,7 @@ class _FusedAdamBase(torch.optim.Optimizer):
                                           merged["weight_decay"])
         _validation.check_formulation(merged["eps_mode"], merged["weight_decay_mode"])
         _validation.check_state_dtype(merged.get("state_dtype"))
+        _validation.check_quant_block_size(merged.get("quant_block_size"))
         _precision.check_options(merged.get("master_weights", False),
                                  merged.get("kahan_summation", False),
                                  merged.get("stochastic_rounding", False), merged.get("seed"))
@@ -183,7 +191,8 @@ class _FusedAdamBase(torch.optim.Optimizer):
                                  ("weight_decay_mode", "torch"), ("state_dtype", None),
                                  ("master_weights", False), ("kahan_summation", False),
                                  ("stochastic_rounding", False), ("seed", 0),
-                                 ("min_quantized_numel", _quantize.MIN_QUANTIZED_NUMEL)):
+                                 ("min_quantized_numel", _quantize.MIN_QUANTIZED_NUMEL),
+                                 ("quant_block_size", None)):
                 group.setdefault(key, default)
         self._normalize_steps()
         self._invalidate_plan()
@@ -326,7 +335,7 @@ class _FusedAdamBase(torch.optim.Optimizer):
              bool(group.get("decoupled_weight_decay", False)), group.get("state_dtype"),
              group.get("master_weights", False), bool(group.get("kahan_summation", False)),
              bool(group.get("stochastic_rounding", False)),
-             group.get("min_quantized_numel"),
+             group.get("min_quantized_numel"), group.get("quant_block_size"),
              tuple(local(p).data_ptr() if g is not None else -1
                    for p, g in zip(group["params"], grads)))
             for group, grads in zip(self.param_groups, grads_by_group)))
@@ -413,11 +422,12 @@ class _FusedAdamBase(torch.optim.Optimizer):
 
 # triton-adam's own group options (beyond torch.optim.Adam/AdamW's)
 _OPTIONS = ("eps_mode", "bias_correction", "weight_decay_mode", "state_dtype", "master_weights",
-            "kahan_summation", "stochastic_rounding", "seed", "min_quantized_numel")
+            "kahan_summation", "stochastic_rounding", "seed", "min_quantized_numel",
+            "quant_block_size")
 # those that say how the state is held, not what the step computes: a loaded checkpoint is
 # converted to them rather than overriding them
 _STORAGE_OPTIONS = ("state_dtype", "master_weights", "kahan_summation", "stochastic_rounding",
-                    "min_quantized_numel")
+                    "min_quantized_numel", "quant_block_size")
 
 
 def _initial_state(param: Tensor, amsgrad: bool, precision) -> dict:
@@ -516,7 +526,8 @@ class Adam(_FusedAdamBase):
                  backend="auto", max_grad_norm=None, skip_nonfinite=False, eps_mode="torch",
                  bias_correction=True, weight_decay_mode="torch", state_dtype=None,
                  master_weights=False, kahan_summation=False, stochastic_rounding=False,
-                 seed=0, min_quantized_numel=_quantize.MIN_QUANTIZED_NUMEL):
+                 seed=0, min_quantized_numel=_quantize.MIN_QUANTIZED_NUMEL,
+                 quant_block_size=None):
         super().__init__(params, lr, betas, eps, weight_decay, amsgrad, foreach=foreach,
                          maximize=maximize, capturable=capturable,
                          differentiable=differentiable, fused=fused,
@@ -526,7 +537,8 @@ class Adam(_FusedAdamBase):
                          weight_decay_mode=weight_decay_mode, state_dtype=state_dtype,
                          master_weights=master_weights, kahan_summation=kahan_summation,
                          stochastic_rounding=stochastic_rounding, seed=seed,
-                         min_quantized_numel=min_quantized_numel)
+                         min_quantized_numel=min_quantized_numel,
+                         quant_block_size=quant_block_size)
 
 
 class AdamW(_FusedAdamBase):
@@ -539,7 +551,8 @@ class AdamW(_FusedAdamBase):
                  skip_nonfinite=False, eps_mode="torch", bias_correction=True,
                  weight_decay_mode="torch", state_dtype=None,
                  master_weights=False, kahan_summation=False, stochastic_rounding=False,
-                 seed=0, min_quantized_numel=_quantize.MIN_QUANTIZED_NUMEL):
+                 seed=0, min_quantized_numel=_quantize.MIN_QUANTIZED_NUMEL,
+                 quant_block_size=None):
         super().__init__(params, lr, betas, eps, weight_decay, amsgrad, foreach=foreach,
                          maximize=maximize, capturable=capturable,
                          differentiable=differentiable, fused=fused,
@@ -549,7 +562,8 @@ class AdamW(_FusedAdamBase):
                          weight_decay_mode=weight_decay_mode, state_dtype=state_dtype,
                          master_weights=master_weights, kahan_summation=kahan_summation,
                          stochastic_rounding=stochastic_rounding, seed=seed,
-                         min_quantized_numel=min_quantized_numel)
+                         min_quantized_numel=min_quantized_numel,
+                         quant_block_size=quant_block_size)
 
     def __setstate__(self, state: dict) -> None:
         super().__setstate__(state)
