@@ -8,15 +8,15 @@
 # 3. `triton-adam bench` on the main presets, plus llama-3.2-1b fp32 with `--clip 1.0` (torch's
 #    clip_grad_norm_ + step against triton-adam's fused clip), and llama-3.2-1b bf16 with each
 #    precision rung (master weights, compact + bf16 states, Kahan, stochastic rounding),
-# 4. `triton-adam kernels --target sm_90`, then the non-CUDA tests with the GPU visible,
+# 4. the non-CUDA tests with the GPU visible (the AOT kernel report is CI's),
 # 5. a summary: each part's status and time, then every measured provider.
-# Every part runs under `timeout` against one overall deadline (BUDGET_S, default 390 s), so the
-# whole script ends within 7 minutes; a bench stopped by its timeout gets SIGINT and still
+# Every part runs under `timeout` against one overall deadline (BUDGET_S, default 480 s), so the
+# whole script ends within 8 minutes; a bench stopped by its timeout gets SIGINT and still
 # writes what it measured. Knobs: OUT, PYTHON, BUDGET_S, STEPS, SKIP_INSTALL=1 (source copy).
 #
 # $OUT holds at most 6 files, no folders (what comes back from a lent machine is limited to a
 # few files near the top): log.txt (every part's log, in order), bench.json (a JSON list of the
-# bench records; `triton-adam report out/bench.json` reads it), check.json, kernels-sm_90.json,
+# bench records; `triton-adam report out/bench.json` reads it), check.json,
 # bench-llama-3.2-1b.png, summary.txt. Per-part files live in a scratch folder ($WORK).
 set -u
 
@@ -25,7 +25,7 @@ PY=${PYTHON:-python3}
 # kernels/ subpackage that the install maps in, and would shadow the installed package.
 if "${PY[@]}" -P -c "" 2>/dev/null; then PY=("${PY[@]}" -P); else PY=("${PY[@]}"); fi
 OUT=${OUT:-./out}
-BUDGET_S=${BUDGET_S:-390}
+BUDGET_S=${BUDGET_S:-480}
 STEPS=${STEPS:-10}
 mkdir -p "$OUT"
 OUT=$(cd "$OUT" && pwd)
@@ -109,7 +109,9 @@ unset TRITON_INTERPRET  # compiled kernels on the GPU, never the interpreter
 # ---- 2. CUDA tests and parity check: the correctness evidence comes first
 if "${PY[@]}" -c "import pytest" >/dev/null 2>&1; then HAVE_PYTEST=1; else HAVE_PYTEST=0; fi
 if [ $HAVE_PYTEST = 1 ]; then
-    run_part tests-cuda 90 "${PY[@]}" -m pytest tests -m cuda -q -rs -p no:cacheprovider
+    # (the first H200 run stopped at 60% after 96 s: every kernel specialisation compiles
+    # on first use there)
+    run_part tests-cuda 200 "${PY[@]}" -m pytest tests -m cuda -q -rs -p no:cacheprovider
 else
     SUMMARY+=("$(printf '%-22s %-10s' tests "no pytest")")
 fi
@@ -163,8 +165,8 @@ bench vit-b16 20 --preset vit-b16
 bench one-huge 35 --preset one-huge --providers triton-adam,fused,foreach
 
 # ---- 4. AOT kernel report and the CPU-side tests with the GPU visible (CI covers them too)
-run_part kernels 30 "${PY[@]}" -m triton_adam kernels --target sm_90 --scope ci \
-    --json "$OUT/kernels-sm_90.json"
+# (the AOT kernel report is CI's: both lanes compile every specialisation for sm_80/sm_90;
+# on the H200 `triton-adam kernels` did not finish in 30 s)
 [ $HAVE_PYTEST = 1 ] && run_part tests-rest 60 "${PY[@]}" -m pytest tests -m "not cuda" -x -q -p no:cacheprovider
 
 # ---- 5. summary
