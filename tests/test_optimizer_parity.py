@@ -126,8 +126,10 @@ def test_matches_torch_and_float64_reference(device, backend, dtype, amsgrad, ma
     for i, (a, b, e) in enumerate(zip(ours, theirs, expected)):
         if i == no_grad_index:
             continue
+        # (the torch fallback on CUDA: torch's fused CUDA kernel for 16-bit params landed up to
+        # 4 ulps off on an H200, so there torch's result is the yardstick for every dtype)
         assert_close_to_reference(a, e, dtype, f"param {i} vs float64 reference",
-                                  yardstick=b if dtype == torch.float32 else None)
+                                  yardstick=b if dtype == torch.float32 or fused else None)
         assert ours_opt.state[a]["step"].item() == STEPS
         assert ours_opt.state[a]["step"].device == a.device
         if dtype != torch.float32 and a.numel():

@@ -80,7 +80,8 @@ MODES = [
 # (system, params, what it keeps, held B, moved B, loads a torch checkpoint)
 PEERS = [
     ("torch fused AdamW", "fp32", "fp32 m, v", 8, 28, "native"),
-    ("torch fused AdamW, bf16 states (CUDA only)", "fp32", "bf16 m, v", 4, 20, "native"),
+    ("torch AdamW, bf16 states (its fused kernel refused them on torch 2.11 CUDA)",
+     "fp32", "bf16 m, v", 4, 20, "native"),
     ("optimi AdamW, kahan_sum", "bf16", "bf16 m, v + bf16 Kahan buffer", 6, 18, "no"),
     ("TransformerEngine FusedAdam, fp32 master", "bf16", "fp32 m, v + fp32 master", 12, 28,
      "partial"),
