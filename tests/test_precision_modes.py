@@ -296,6 +296,15 @@ def test_state_dict_moves_between_modes(device, backend, saved_mode, loaded_mode
         copy.deepcopy(saved))
 
 
+def load_master_checkpoint(opt, master):
+    """Load a one-param checkpoint holding ``master`` as its float32 master, zero moments."""
+    n = master.numel()
+    opt.load_state_dict({"state": {0: {"step": torch.tensor(0.0), "exp_avg": torch.zeros(n),
+                                       "exp_avg_sq": torch.zeros(n),
+                                       "master_param": master.clone()}},
+                         "param_groups": [dict(opt.state_dict()["param_groups"][0])]})
+
+
 @pytest.mark.parametrize("device,backend", DEVICE_BACKENDS)
 def test_a_tie_moves_the_param_to_the_compact_rounding(device, backend):
     """A master exactly halfway between two bfloat16 values, saved with master_weights=True
@@ -306,10 +315,7 @@ def test_a_tie_moves_the_param_to_the_compact_rounding(device, backend):
     assert param[0].item() == 1.0
     opt = triton_adam.AdamW([param], lr=0.0, weight_decay=0.0, backend=backend,
                             master_weights="compact")
-    opt.load_state_dict({"state": {0: {"step": torch.tensor(0.0),
-                                       "exp_avg": torch.zeros(3), "exp_avg_sq": torch.zeros(3),
-                                       "master_param": master.clone()}},
-                         "param_groups": [dict(opt.state_dict()["param_groups"][0])]})
+    load_master_checkpoint(opt, master)
     param.grad = torch.zeros_like(param)
     opt.step()
     assert param.tolist() == [1.0 + 2**-7, -(1.0 + 2**-7), 3.0]
@@ -326,10 +332,7 @@ def test_a_compact_checkpoint_keeps_its_masters_at_ties_in_true_mode(device, bac
     param = torch.nn.Parameter(high.clone())
     opt = triton_adam.AdamW([param], lr=0.0, weight_decay=0.0, backend=backend,
                             master_weights=True)
-    opt.load_state_dict({"state": {0: {"step": torch.tensor(0.0),
-                                       "exp_avg": torch.zeros(4), "exp_avg_sq": torch.zeros(4),
-                                       "master_param": master.clone()}},
-                         "param_groups": [dict(opt.state_dict()["param_groups"][0])]})
+    load_master_checkpoint(opt, master)
     param.grad = torch.zeros_like(param)
     opt.step()
     assert torch.equal(opt.state[param]["master_param"], master)
