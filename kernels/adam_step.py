@@ -303,7 +303,9 @@ def _adam_block(
     # IEEE round-to-nearest ones (Triton's default '/' is approximate on GPUs), and the compiler
     # may not contract anything (enable_fp_fusion=False at launch).
     if HAS_GRAD_SCALE:
-        grad = tl.div_rn(grad, grad_scale)
+        # quantised launches always pass a scale (see _plan): a unit one costs no division
+        if grad_scale != 1.0:
+            grad = tl.div_rn(grad, grad_scale)
     grad = grad * clip  # 1.0 unless clipping: the grads are clipped here, never rewritten
     grad = grad * grad_sign  # exact: maximize negates
     param = param * param_scale
@@ -327,11 +329,17 @@ def _adam_block(
             max_exp_avg_sq = load_moment(max_exp_avg_sq_ptr, max_exp_avg_sq_scale_ptr, offsets,
                                          mask, n_valid, False, QUANT, TILE_SIZE, QUANT_BLOCK)
             max_exp_avg_sq = tl.maximum(max_exp_avg_sq, exp_avg_sq)
-            store_moment(max_exp_avg_sq_ptr, max_exp_avg_sq_scale_ptr, max_exp_avg_sq, offsets,
-                         mask, n_valid, False, QUANT, TILE_SIZE, QUANT_BLOCK)
-        denom = tl.div_rn(tl.sqrt_rn(max_exp_avg_sq), bc2_sqrt) + eps
+        root = tl.sqrt_rn(max_exp_avg_sq)
+        if QUANT != QUANT_NONE:  # a second moment's codes are its root's
+            store_moment(max_exp_avg_sq_ptr, max_exp_avg_sq_scale_ptr, root, offsets, mask,
+                         n_valid, False, QUANT, TILE_SIZE, QUANT_BLOCK)
+            exp_avg_sq_root = tl.sqrt_rn(exp_avg_sq)
+        else:
+            exp_avg_sq_root = root  # unused
     else:
-        denom = tl.div_rn(tl.sqrt_rn(exp_avg_sq), bc2_sqrt) + eps
+        root = tl.sqrt_rn(exp_avg_sq)
+        exp_avg_sq_root = root
+    denom = tl.div_rn(root, bc2_sqrt) + eps
     param = param + tl.div_rn(neg_step_size * exp_avg, denom)
 
     _store_value(param_ptr, master_ptr, offsets, mask, param, random16, PARAM_DTYPE, MASTER,
@@ -342,8 +350,8 @@ def _adam_block(
     else:
         store_moment(exp_avg_ptr, exp_avg_scale_ptr, exp_avg, offsets, mask, n_valid, True,
                      QUANT, TILE_SIZE, QUANT_BLOCK)
-        store_moment(exp_avg_sq_ptr, exp_avg_sq_scale_ptr, exp_avg_sq, offsets, mask, n_valid,
-                     False, QUANT, TILE_SIZE, QUANT_BLOCK)
+        store_moment(exp_avg_sq_ptr, exp_avg_sq_scale_ptr, exp_avg_sq_root, offsets, mask,
+                     n_valid, False, QUANT, TILE_SIZE, QUANT_BLOCK)
 
 
 @triton.jit

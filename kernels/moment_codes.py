@@ -13,6 +13,8 @@ import triton.language as tl
 QUANT_NONE, QUANT_INT8, QUANT_INT4, QUANT_FP8 = map(tl.constexpr, range(4))
 FP8_MAX = tl.constexpr(448.0)  # float8 e4m3fn's largest finite value
 FLOAT32_MAX = tl.constexpr(3.4028234663852886e38)
+FLOAT32_MIN = tl.constexpr(1.1754943508222875e-38)  # the smallest normal float32
+ROOT_MAX = tl.constexpr(1.8446742974197924e19)  # sqrt(FLOAT32_MAX), rounded to float32
 
 
 @triton.jit
@@ -90,15 +92,14 @@ def load_moment(codes_ptr, scale_ptr, offsets, mask, n_valid, SIGNED: tl.constex
         codes = _load_or_zero(codes_ptr + offsets, mask).to(tl.float32)
     groups = tl.arange(0, TILE_SIZE // QUANT_BLOCK)
     scale = tl.load(scale_ptr + groups, mask=groups * QUANT_BLOCK < n_valid, other=0.0)
-    scale = _per_element(scale, TILE_SIZE, QUANT_BLOCK)
+    # a block's step: one division per block, then one multiply per element
     if QUANT == QUANT_FP8:
-        value = tl.div_rn(codes, FP8_MAX) * scale
-    elif SIGNED:
-        levels = _levels(QUANT, SIGNED)
-        value = tl.div_rn(codes * tl.abs(codes), levels * levels) * scale
+        step = tl.div_rn(scale, FP8_MAX)
     else:
         levels = _levels(QUANT, SIGNED)
-        value = tl.div_rn(codes * codes, levels * levels) * scale
+        step = tl.div_rn(scale, levels * levels)
+        codes = codes * tl.abs(codes)  # exact: |code| <= 255
+    value = codes * _per_element(step, TILE_SIZE, QUANT_BLOCK)
     if not SIGNED:
         value = value * value
     return value
@@ -107,22 +108,28 @@ def load_moment(codes_ptr, scale_ptr, offsets, mask, n_valid, SIGNED: tl.constex
 @triton.jit
 def store_moment(codes_ptr, scale_ptr, value, offsets, mask, n_valid, SIGNED: tl.constexpr,
                  QUANT: tl.constexpr, TILE_SIZE: tl.constexpr, QUANT_BLOCK: tl.constexpr):
-    """Encode the tile's float32 moment ``value`` (a second moment: >= 0) and store its codes
-    and its blocks' scales (the absolute maximum, of the root for a second moment)."""
+    """Encode the tile's float32 ``value`` and store its codes and its blocks' scales (their
+    absolute maximum). ``value``: exp_avg (SIGNED), or a second moment's square root (the
+    update has just computed it: the codes are the root's)."""
     if mask is not None:  # lanes past the tensor take no part in their block's scale
         value = tl.where(mask, value, 0.0)
     # a NaN moment is stored as 0 (its param is NaN already) and an infinite one as the largest
-    # float32, so that its block's scale stays finite and the other codes stay meaningful
+    # float32 (an infinite root as the largest root), so that its block's scale stays finite
+    # and the other codes stay meaningful
     value = tl.where(value != value, 0.0, value)
-    value = tl.where(value > FLOAT32_MAX, FLOAT32_MAX, value)
-    value = tl.where(value < -FLOAT32_MAX, -FLOAT32_MAX, value)
     if SIGNED:
-        x = value
+        value = tl.minimum(tl.maximum(value, -FLOAT32_MAX), FLOAT32_MAX)
+        # below the smallest normal float32 a moment is stored as 0, so that a block's scale
+        # is normal or 0 and its reciprocal finite
+        x = tl.where(tl.abs(value) < FLOAT32_MIN, 0.0, value)
     else:
-        x = tl.sqrt_rn(value)
+        # a nonzero root is at least 2**-74.5 (of the smallest float32): its scale is normal
+        x = tl.minimum(value, ROOT_MAX)
     scale = _block_max(tl.abs(x), TILE_SIZE, QUANT_BLOCK)
-    per_element = _per_element(scale, TILE_SIZE, QUANT_BLOCK)
-    u = tl.where(per_element > 0, tl.div_rn(x, per_element), 0.0)
+    # one division per block, then one multiply per element: u = x * (1 / scale), in [-1, 1]
+    # but for the block's maximum, which may land an ulp above 1 (its code is still the top)
+    reciprocal = tl.where(scale > 0, tl.div_rn(1.0, tl.where(scale > 0, scale, 1.0)), 0.0)
+    u = x * _per_element(reciprocal, TILE_SIZE, QUANT_BLOCK)
     if QUANT == QUANT_FP8:
         codes = _fp8_bits(tl.abs(u) * FP8_MAX)
         if SIGNED:  # the sign bit of u, also of a -0 (as torch's cast keeps it)

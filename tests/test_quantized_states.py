@@ -498,6 +498,40 @@ def test_a_non_finite_moment_leaves_its_block_usable_on_both_backends(name, bad)
     assert torch.isfinite(dense["exp_avg"]).all() and (dense["exp_avg_sq"] > 0).all()
 
 
+@pytest.mark.parametrize("name", FORMATS)
+def test_moments_below_the_smallest_normal_float32_are_stored_as_zero_on_both_backends(name):
+    """exp_avg values under 2**-126 (one block all of them, one mixed with normal ones) are
+    stored as 0, so every scale is normal or 0 and its reciprocal finite; the backends agree
+    bit for bit and nothing turns NaN."""
+    needs_interpreter()
+    block = fmt_of(name).block
+    runs = []
+    for backend in ("triton", "torch"):
+        generator = torch.Generator().manual_seed(6)
+        p = torch.nn.Parameter(torch.randn(3 * block, generator=generator))
+        opt = triton_adam.AdamW([p], lr=1e-2, eps=1e-30, backend=backend, state_dtype=name,
+                                min_quantized_numel=0)
+        for _ in range(2):
+            grad = torch.randn(3 * block, generator=generator)
+            grad[:block] *= 1e-37  # m = 0.1 * g: mostly subnormal, some not
+            grad[block:2 * block] *= 1e-39  # all subnormal
+            p.grad = grad
+            opt.step()
+        runs.append((p, opt.state[p]))
+    (a, state_a), (b, state_b) = runs
+    torch.testing.assert_close(a, b, rtol=0, atol=0)
+    for key, value in state_a.items():
+        other = state_b[key]
+        if value.dtype == torch.float8_e4m3fn:
+            value, other = value.view(torch.uint8), other.view(torch.uint8)
+        assert torch.equal(value, other), key
+    assert torch.isfinite(a).all()
+    scale = state_a["exp_avg_scale"]
+    assert scale[1] == 0 and scale[0] >= torch.finfo(torch.float32).tiny
+    exp_avg = _quantize.dense(a, state_a)["exp_avg"]
+    assert (exp_avg[block:2 * block] == 0).all() and (exp_avg[:block] != 0).any()
+
+
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
 def test_a_torch_checkpoint_quantises_to_its_own_moments(dtype):
     """torch.optim.AdamW's moments, saved from a param laid out otherwise (the codes follow
