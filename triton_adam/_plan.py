@@ -17,8 +17,8 @@ from torch import Tensor
 from . import _distributed, _precision, _quantize, _validation
 from ._distributed import local
 from ._grad_norm import TritonGradNorm
-from ._tables import (ALIGNMENT, BLOCK_SIZE, NUM_WARPS, QUANT_MAX_REGISTERS, build_block_map,
-                      on_device, step_tile_size, to_device, triton_dtype, upload)
+from ._tables import (ALIGNMENT, BLOCK_SIZE, QUANT_MAX_REGISTERS, build_block_map, on_device,
+                      step_num_warps, step_tile_size, to_device, triton_dtype, upload)
 from ._torch_backend import TorchBucket, grad_norm_and_nonfinite, segment_totals
 from ._warmup import compile_plan
 from .kernels import adam_step as K
@@ -324,10 +324,14 @@ class TritonBucket:
     def tile_size(self, aligned: bool) -> int:
         return step_tile_size(aligned, self.spec["MASTER"], self.spec["QUANT"])
 
+    @property
+    def num_warps(self) -> int:
+        return step_num_warps(self.spec["QUANT"])
+
     def step_amp_arguments(self, grad_scale, found_inf):
         """The step kernel's (grad_scale, found_inf). A quantised bucket's kernel always takes
         both (1 and 0 when absent): one specialisation instead of three, each as large as the
-        codes make it, for a scalar load and an exact division by 1."""
+        codes make it, for two scalar loads (a unit scale skips the division)."""
         if not self.spec["QUANT"]:
             return grad_scale, found_inf
         if self.unit_and_zero is None:
@@ -346,7 +350,7 @@ class TritonBucket:
                     self.tensor_table, self.grad_table, r.block_map, self.coef_table,
                     *self.step_amp_arguments(grad_scale, found_inf), r.n_blocks,
                     dict(self.spec, ALIGNED=r.aligned), BLOCK_SIZE, self.tile_size(r.aligned),
-                    NUM_WARPS, maxnreg=self.max_registers)
+                    self.num_warps, maxnreg=self.max_registers)
 
 
 def state_key_names(amsgrad: bool):

@@ -21,13 +21,24 @@ UNALIGNED_MASTER_TILE_SIZE = 1024
 
 
 # Quantised moments (QUANT) hold codes, block maxima and the dense path of small tensors in the
-# same program: ptxas capped some at 128 registers and spilled at 2048 (aligned) and 1024
-# (unaligned) elements; these do not spill.
+# same program, up to ptxas's ceiling of QUANT_MAX_REGISTERS; their launch is sized by what
+# that allows an SM to keep in flight. With 4 warps and 1024-element tiles a thread holds 8
+# consecutive elements, so a warp holds a 256-element block whole (its maximum is a warp
+# shuffle, no barrier) and 4 programs fit an SM: 40 KB of loads in flight for float32 params
+# against 20 KB with 8 warps and 4 elements a thread (perf/kernel_stats.py, sm_90). Unaligned
+# tiles, whose scalar accesses need more registers, stay at 512. To be re-tuned by measurement
+# on a GPU (perf/quant_tune.py sweeps these).
+QUANT_NUM_WARPS = 4
 ALIGNED_QUANT_TILE_SIZE = 1024
 UNALIGNED_QUANT_TILE_SIZE = 512
 # ... and left alone, ptxas kept some of them (amsgrad with a master or stochastic rounding) at
 # 80 registers and spilled 12-20 bytes; given this ceiling it uses up to 128 and spills nothing
 QUANT_MAX_REGISTERS = 128
+
+
+def step_num_warps(quant: int = 0) -> int:
+    """The step kernel's warps per program for a QUANT mode (0: dense moments)."""
+    return QUANT_NUM_WARPS if quant else NUM_WARPS
 
 
 def step_tile_size(aligned: bool, master: int, quant: int = 0) -> int:

@@ -73,7 +73,7 @@ def _compile_bucket(bucket, hyper_table, amp_modes, clipping: bool) -> None:
                 *bucket.step_amp_arguments(placeholder if has_scale else None,
                                            placeholder if has_inf else None),
                 bucket.n_blocks, dict(bucket.spec, ALIGNED=aligned), BLOCK_SIZE,
-                bucket.tile_size(aligned), NUM_WARPS, warmup=True,
+                bucket.tile_size(aligned), bucket.num_warps, warmup=True,
                 maxnreg=bucket.max_registers)
 
 

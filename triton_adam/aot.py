@@ -13,7 +13,7 @@ import tempfile
 from pathlib import Path
 
 from ._tables import (ALIGNED_TILE_SIZE, BLOCK_SIZE, NUM_WARPS, QUANT_MAX_REGISTERS,
-                      UNALIGNED_TILE_SIZE, step_tile_size)
+                      UNALIGNED_TILE_SIZE, step_num_warps, step_tile_size)
 from ._quantize import BLOCK_SIZES
 from .kernels import adam_step, grad_norm, moment_codes
 
@@ -202,8 +202,8 @@ def compile_all(target: str = "sm_90", scope: str = "all") -> list[dict]:
     arch = _parse_target(target)
     jobs = [("adam_coefficients_kernel", adam_step.adam_coefficients_kernel, COEF_SIGNATURE, s, 4)
             for s in coefficient_kernel_specs()]
-    jobs += [("adam_step_kernel", adam_step.adam_step_kernel, STEP_SIGNATURE, s, NUM_WARPS)
-             for s in step_kernel_specs(scope)]
+    jobs += [("adam_step_kernel", adam_step.adam_step_kernel, STEP_SIGNATURE, s,
+              step_num_warps(s["QUANT"])) for s in step_kernel_specs(scope)]
     jobs += [("grad_norm_partials_kernel", grad_norm.grad_norm_partials_kernel,
               PARTIALS_SIGNATURE, s, NUM_WARPS) for s in grad_norm_partials_specs()]
     jobs += [("grad_norm_finalize_kernel", grad_norm.grad_norm_finalize_kernel,
