@@ -1,0 +1,54 @@
+"""The perf/ scripts that tune the kernels: quant_tune.py runs its candidates through the bench."""
+import importlib.util
+import json
+from pathlib import Path
+
+import pytest
+
+from triton_adam import _tables
+from triton_adam.bench import timing
+from triton_adam.kernels import adam_step
+
+PERF = Path(__file__).resolve().parent.parent / "perf"
+
+
+def _load(name):
+    spec = importlib.util.spec_from_file_location(name, PERF / f"{name}.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_quant_tune_launches_each_candidate_and_restores_the_table(monkeypatch, tmp_path,
+                                                                   capsys):
+    monkeypatch.setattr(timing, "default_copy_bytes", lambda device: 2**20)
+    launched = []
+    launch = adam_step.launch_adam_step
+
+    def recording(*args, **kwargs):
+        spec, tile, warps = args[7], args[9], args[10]
+        if spec["QUANT"] and spec["ALIGNED"]:
+            launched.append((warps, tile))
+        return launch(*args, **kwargs)
+
+    monkeypatch.setattr(adam_step, "launch_adam_step", recording)
+    default = (_tables.QUANT_NUM_WARPS, _tables.ALIGNED_QUANT_TILE_SIZE)
+    out = tmp_path / "tune.json"
+    quant_tune = _load("quant_tune")
+    assert quant_tune.main(["--preset", "smoke-cpu", "--dtype", "fp32", "--steps", "1",
+                            "--candidates", "8x512,2x1024", "--formats", "int8",
+                            "--device", "cpu", "--json", str(out)]) == 0
+    assert {(8, 512), (2, 1024)} <= set(launched)
+    assert (_tables.QUANT_NUM_WARPS, _tables.ALIGNED_QUANT_TILE_SIZE) == default
+    table = capsys.readouterr().out
+    assert "| fp32 | int8 | 8x512 |" in table and "| fp32 | int8 | 2x1024 |" in table
+    records = json.loads(out.read_text())
+    assert [r["status"] for r in records] == ["ok"] * 3
+    assert [r["candidate"] for r in records] == [None, "8x512", "2x1024"]
+
+
+def test_quant_tune_reads_candidates():
+    quant_tune = _load("quant_tune")
+    assert quant_tune._candidates("4x1024,8X2048") == [(4, 1024), (8, 2048)]
+    with pytest.raises(ValueError):
+        quant_tune._candidates("4-1024")
