@@ -142,9 +142,8 @@ def store_moment(codes_ptr, scale_ptr, value, offsets, mask, n_valid, SIGNED: tl
     if not SIGNED:  # a nonzero second moment never decodes to zero
         codes = tl.where((x > 0) & (codes == 0), 1, codes)
     if QUANT == QUANT_INT4:
-        lanes = tl.arange(0, TILE_SIZE)
-        nibbles = (codes & 0xF) << ((lanes & 1) * 4)
-        packed = tl.sum(tl.reshape(nibbles, (TILE_SIZE // 2, 2)), axis=1)  # disjoint bits
+        low, high = tl.split(tl.reshape(codes & 0xF, (TILE_SIZE // 2, 2)))
+        packed = low | (high << 4)
         pairs = tl.arange(0, TILE_SIZE // 2)
         if mask is None:
             tl.store(codes_ptr + pairs, packed.to(tl.uint8))
