@@ -339,8 +339,14 @@ def _adam_block(
     else:
         root = tl.sqrt_rn(exp_avg_sq)
         exp_avg_sq_root = root
-    denom = tl.div_rn(root, bc2_sqrt) + eps
-    param = param + tl.div_rn(neg_step_size * exp_avg, denom)
+    if QUANT == QUANT_NONE:
+        denom = tl.div_rn(root, bc2_sqrt) + eps
+        param = param + tl.div_rn(neg_step_size * exp_avg, denom)
+    else:
+        # Codes are not torch's moments, so neither are the bits: the bias correction of the
+        # root moves to the step and eps (the same value, one IEEE division fewer per element)
+        param = param + tl.div_rn((neg_step_size * bc2_sqrt) * exp_avg,
+                                  root + eps * bc2_sqrt)
 
     _store_value(param_ptr, master_ptr, offsets, mask, param, random16, PARAM_DTYPE, MASTER,
                  STOCHASTIC_ROUNDING)

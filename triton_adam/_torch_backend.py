@@ -150,8 +150,12 @@ class TorchBucket:
             # float32 sqrt correctly rounded (torch's vectorised CPU sqrt is not, for ~17% of
             # elements here): in float64 then rounded once, which is exact for square roots
             root = second.double().sqrt_().float()
-            denom = root.div_(bc2_sqrt).add_(eps)
-            p = p.addcdiv_(m, denom, value=neg_step_size.item())
+            if codes is not None:  # the kernel's quantised form: bias correction on step, eps
+                denom = root.add_(as_f32(eps) * bc2_sqrt)
+                p = p.addcdiv_(m, denom, value=(neg_step_size * bc2_sqrt).item())
+            else:
+                denom = root.div_(bc2_sqrt).add_(eps)
+                p = p.addcdiv_(m, denom, value=neg_step_size.item())
             new.update(self._written_param(i, p, param, group))
             for target, value in new.items():
                 if target.dtype == torch.float8_e4m3fn:  # fp8 codes: copied as their bits
