@@ -216,6 +216,13 @@ def _load_value(stored_param, master_ptr, offsets, mask, PARAM_DTYPE: tl.constex
 
 
 @triton.jit
+def _max_keeping_nan(a, b):
+    """Elementwise maximum, NaN if either is (torch.maximum's rule; the GPU's max.f32 drops a
+    NaN, the interpreter keeps it)."""
+    return tl.maximum(a, b, propagate_nan=tl.PropagateNan.ALL)
+
+
+@triton.jit
 def _random_bits16(rng_key, rng_stream, elements):
     """16 uniform random bits (in a uint32) per element, from Philox-4x32-10 keyed on
     ``rng_key`` (seed, step) and counted by (element index, its high word, ``rng_stream``'s
@@ -323,12 +330,12 @@ def _adam_block(
     if AMSGRAD:
         if QUANT == QUANT_NONE:
             max_exp_avg_sq = tl.load(max_exp_avg_sq_ptr + offsets, mask=mask).to(tl.float32)
-            max_exp_avg_sq = tl.maximum(max_exp_avg_sq, exp_avg_sq)
+            max_exp_avg_sq = _max_keeping_nan(max_exp_avg_sq, exp_avg_sq)
             _store_rounded(max_exp_avg_sq_ptr + offsets, max_exp_avg_sq, mask, STATE_DTYPE)
         else:
             max_exp_avg_sq = load_moment(max_exp_avg_sq_ptr, max_exp_avg_sq_scale_ptr, offsets,
                                          mask, n_valid, False, QUANT, TILE_SIZE, QUANT_BLOCK)
-            max_exp_avg_sq = tl.maximum(max_exp_avg_sq, exp_avg_sq)
+            max_exp_avg_sq = _max_keeping_nan(max_exp_avg_sq, exp_avg_sq)
         root = tl.sqrt_rn(max_exp_avg_sq)
         if QUANT != QUANT_NONE:  # a second moment's codes are its root's
             store_moment(max_exp_avg_sq_ptr, max_exp_avg_sq_scale_ptr, root, offsets, mask,

@@ -12,9 +12,11 @@ import triton.language as tl
 
 QUANT_NONE, QUANT_INT8, QUANT_INT4, QUANT_FP8 = map(tl.constexpr, range(4))
 FP8_MAX = tl.constexpr(448.0)  # float8 e4m3fn's largest finite value
-FLOAT32_MAX = tl.constexpr(3.4028234663852886e38)
 FLOAT32_MIN = tl.constexpr(1.1754943508222875e-38)  # the smallest normal float32
-ROOT_MAX = tl.constexpr(1.8446742974197924e19)  # sqrt(FLOAT32_MAX), rounded to float32
+# What an infinite moment is encoded as: the float32 under the largest one, and under the
+# largest one's root (a block's top code decodes to its scale within an ulp, so not to inf)
+LARGEST_MOMENT = tl.constexpr(3.4028232635611926e38)
+LARGEST_ROOT = tl.constexpr(1.8446741874686296e19)
 
 
 @triton.jit
@@ -114,20 +116,21 @@ def store_moment(codes_ptr, scale_ptr, value, offsets, mask, n_valid, SIGNED: tl
     if mask is not None:  # lanes past the tensor take no part in their block's scale
         value = tl.where(mask, value, 0.0)
     # a NaN moment is stored as 0 (its param is NaN already) and an infinite one as the largest
-    # float32 (an infinite root as the largest root), so that its block's scale stays finite
-    # and the other codes stay meaningful
+    # (an infinite root as the largest root), so that its block's scale stays finite and the
+    # other codes stay meaningful
     value = tl.where(value != value, 0.0, value)
     if SIGNED:
-        value = tl.minimum(tl.maximum(value, -FLOAT32_MAX), FLOAT32_MAX)
+        value = tl.minimum(tl.maximum(value, -LARGEST_MOMENT), LARGEST_MOMENT)
         # below the smallest normal float32 a moment is stored as 0, so that a block's scale
         # is normal or 0 and its reciprocal finite
         x = tl.where(tl.abs(value) < FLOAT32_MIN, 0.0, value)
     else:
         # a nonzero root is at least 2**-74.5 (of the smallest float32): its scale is normal
-        x = tl.minimum(value, ROOT_MAX)
+        x = tl.minimum(value, LARGEST_ROOT)
     scale = _block_max(tl.abs(x), TILE_SIZE, QUANT_BLOCK)
-    # one division per block, then one multiply per element: u = x * (1 / scale), in [-1, 1]
-    # but for the block's maximum, which may land an ulp above 1 (its code is still the top)
+    # one division per block, then one multiply per element: u = x * (1 / scale), within two
+    # ulps of [-1, 1] (over 1 only for scales of 2**126 and more, whose reciprocal is
+    # subnormal), which still rounds to a code in range
     reciprocal = tl.where(scale > 0, tl.div_rn(1.0, tl.where(scale > 0, scale, 1.0)), 0.0)
     u = x * _per_element(reciprocal, TILE_SIZE, QUANT_BLOCK)
     if QUANT == QUANT_FP8:

@@ -15,7 +15,7 @@
 # whole script ends within 8 minutes; a bench stopped by its timeout gets SIGINT and still
 # writes what it measured. Knobs: OUT, PYTHON, BUDGET_S, STEPS, SKIP_INSTALL=1 (source copy).
 #
-# $OUT holds at most 6 files, no folders (what comes back from a lent machine is limited to a
+# $OUT holds at most 5 files, no folders (what comes back from a lent machine is limited to a
 # few files near the top): log.txt (every part's log, in order), bench.json (a JSON list of the
 # bench records; `triton-adam report out/bench.json` reads it), check.json,
 # bench-llama-3.2-1b.png, summary.txt. Per-part files live in a scratch folder ($WORK).

@@ -496,6 +496,24 @@ def test_a_non_finite_moment_leaves_its_block_usable_on_both_backends(name, bad)
     assert finite.sum() == 600 - (bad == "nan") and (bad == "overflow" or not finite[5])
     dense = _quantize.dense(a, state_a)
     assert torch.isfinite(dense["exp_avg"]).all() and (dense["exp_avg_sq"] > 0).all()
+    assert torch.isfinite(dense["exp_avg_sq"]).all()
+
+
+@pytest.mark.parametrize("name", FORMATS)
+def test_the_largest_moments_decode_finite(name):
+    """Infinite and float32-max moments are encoded as (the root of) the float32 under the
+    largest, whose top code decodes within an ulp of its scale: never to inf."""
+    fmt = fmt_of(name)
+    largest = torch.finfo(torch.float32).max
+    m = torch.tensor([float("inf"), -largest, largest, float("-inf"), 1.0] + [0.5] * 300)
+    v = torch.tensor([float("inf"), largest, 1.0] + [0.5] * 300)
+    codes, scale = _quantize.encode_signed(m, fmt)
+    decoded = _quantize.decode_signed(codes, scale, m.numel(), fmt)
+    assert torch.isfinite(decoded).all() and (decoded[:4].abs() > 3.4e38).all()
+    assert torch.equal(decoded[:4].sign(), torch.tensor([1.0, -1.0, 1.0, -1.0]))
+    codes, scale = _quantize.encode_unsigned(v, fmt)
+    decoded = _quantize.decode_unsigned(codes, scale, v.numel(), fmt)
+    assert torch.isfinite(decoded).all() and (decoded[:2] > 3.4e38).all()
 
 
 @pytest.mark.parametrize("name", FORMATS)

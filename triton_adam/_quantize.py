@@ -14,7 +14,8 @@ signed first moment and the non-negative second moments take different maps:
 * ``exp_avg_sq`` and ``max_exp_avg_sq``: s = sqrt(v), r = s / absmax(s).
   int8: code = floor(255 * sqrt(r) + 1/2); int4: 15 levels; fp8: r * 448 in e4m3fn. A nonzero
   v takes at least the smallest nonzero code, so that a nonzero second moment never decodes to
-  zero (a zero would divide the update by eps alone); decoded v = (decoded s)**2.
+  zero (a zero would divide the update by eps alone; only in a block whose largest v is under
+  about 3e-36 can the smallest code's square underflow float32); decoded v = (decoded s)**2.
 
 Codes are held as param-shaped tensors (int8 and uint8 for int8; float8_e4m3fn for fp8) except
 int4's, two to a byte (element 2k in the low nibble, 2k+1 in the high one; signed codes in
@@ -22,12 +23,14 @@ two's complement) in a flat uint8 tensor of ceil(numel / 2) bytes. A state's for
 from its ``exp_avg`` dtype.
 
 The float32 arithmetic, which the kernels repeat bit for bit: a block divides once, the
-elements multiply. Encoding takes u = x * (1 / absmax) (the block's maximum may land an ulp
-above 1; its code is still the top one); decoding takes code * |code| * (absmax / levels**2)
-(fp8: value * (absmax / 448)), the product of two codes being exact. Before encoding, a NaN
-moment becomes 0 and an infinite one the largest float32 (a second moment: its root, the
-largest root); an exp_avg below the smallest normal float32 (1.2e-38) is stored as 0, so that
-every scale has a finite reciprocal.
+elements multiply. Encoding takes u = x * (1 / absmax) (within two ulps of [-1, 1], over it
+only for scales of 2**126 and more, whose reciprocal is subnormal; the codes stay in range);
+decoding takes code * |code| * (absmax / levels**2) (fp8: value * (absmax / 448)), the product
+of two codes being exact. Before encoding, a NaN moment becomes 0 and an infinite one the
+float32 under the largest (a second moment: its root, the float32 under the largest root, so
+that the top code, decoded within an ulp of its scale, stays finite); an exp_avg below the
+smallest normal float32 (1.2e-38) is stored as 0, so that every scale has a finite
+reciprocal.
 
 Measured on the experiments' char-level GPT (400 steps, float32 params): int8 final loss +0.13%
 of float32 AdamW's (torchao's AdamW8bit, with the bitsandbytes dynamic map, -0.32% in the same
@@ -46,9 +49,11 @@ from ._distributed import local
 
 MIN_QUANTIZED_NUMEL = 4096
 FP8_MAX = 448.0
-FLOAT32_MAX = torch.finfo(torch.float32).max
 FLOAT32_MIN = torch.finfo(torch.float32).tiny  # the smallest normal float32
-ROOT_MAX = 1.8446742974197924e19  # sqrt(FLOAT32_MAX), rounded to float32
+# What an infinite moment is encoded as: the float32 under the largest one, and under the
+# largest one's root (a block's top code decodes to its scale within an ulp, so not to inf)
+LARGEST_MOMENT = 3.4028232635611926e38
+LARGEST_ROOT = 1.8446741874686296e19
 
 
 @dataclass(frozen=True)
@@ -145,10 +150,11 @@ def _to_fp8(x: Tensor) -> Tensor:
     return x.to(torch.float8_e4m3fn)  # nearest even; |x| <= 448 here, so never NaN
 
 
-def _finite(x: Tensor, largest: float = FLOAT32_MAX) -> Tensor:
+def _finite(x: Tensor, largest: float = LARGEST_MOMENT) -> Tensor:
     """What is encoded: a NaN moment as 0 (its param is NaN already; the block keeps its
-    scale) and an infinite one as ``largest``, so that a block's scale stays finite."""
-    return torch.nan_to_num(x, nan=0.0, posinf=largest, neginf=-largest)
+    scale) and any beyond ``largest`` (infinite ones too) as ``largest``, so that a block's
+    scale and its top code's decoded value stay finite."""
+    return torch.nan_to_num(x, nan=0.0).clamp_(-largest, largest)
 
 
 def _reciprocal(scale: Tensor) -> Tensor:
@@ -175,8 +181,12 @@ def encode_signed(x: Tensor, fmt: Format = FORMATS["int8"]):
 
 
 def _steps(scale: Tensor, levels: float) -> Tensor:
-    """A block's decoding step: scale / levels**2 (integer maps) or scale / 448 (fp8)."""
-    return scale / (levels * levels if levels else FP8_MAX)
+    """A block's decoding step: scale / levels**2 (integer maps) or scale / 448 (fp8), divided
+    correctly rounded as the kernels do (a CUDA tensor divided by a Python number is
+    multiplied by its reciprocal instead)."""
+    divisor = torch.tensor(levels * levels if levels else FP8_MAX, dtype=torch.float32,
+                           device=scale.device)
+    return scale / divisor
 
 
 def decode_signed(codes: Tensor, scale: Tensor, numel: int, fmt: Format = FORMATS["int8"]):
@@ -195,7 +205,7 @@ def encode_unsigned(v: Tensor, fmt: Format = FORMATS["int8"]):
     """float32 ``v >= 0`` (flat) -> (codes, float32 scales [n_blocks] of sqrt(v))."""
     # the codes are the root's; an infinite root is held as the largest (that of the largest
     # float32), and a nonzero root is at least 2**-74.5, so the scale is normal or 0
-    s = _blocks(_finite(_sqrt(v), ROOT_MAX), fmt.block).abs()  # (-0.0's root is +0 here)
+    s = _blocks(_finite(_sqrt(v), LARGEST_ROOT), fmt.block).abs()  # (-0.0's root is +0 here)
     scale = s.amax(dim=1)
     r = s * _reciprocal(scale)[:, None]
     if not fmt.unsigned_levels:
