@@ -112,9 +112,10 @@ if "${PY[@]}" -c "import pytest" >/dev/null 2>&1; then HAVE_PYTEST=1; else HAVE_
 run_part check 40 "${PY[@]}" -m triton_adam check --json "$OUT/check.json"
 # the quantised kernels' launch configurations (warps x tile) against torch fused AdamW on
 # Llama-3.2-1B: int8 at each candidate on fp32 and bf16 params, int4 and fp8 at the default
+# (the first; 4x1024 spills under triton 3.6, the image's, so it is timed spilling)
 # (issue 10's target: >= 1.5x torch fused fp32); the table goes to log.txt
 run_part quant-tune 150 "${PY[@]}" perf/quant_tune.py --steps "$STEPS" --dtype fp32,bf16 \
-    --candidates 4x1024,8x1024,4x2048,8x2048 --formats int8,int4,fp8
+    --candidates 8x2048,8x1024,4x1024 --formats int8,int4,fp8
 if [ $HAVE_PYTEST = 1 ]; then
     # (the first H200 run stopped at 60% after 96 s: every kernel specialisation compiles
     # on first use there)

@@ -162,6 +162,7 @@ def main(argv=None) -> int:
     if os.environ.get("TRITON_INTERPRET") == "1":
         sys.exit("kernel_stats compiles for a GPU target: unset TRITON_INTERPRET")
     out = []
+    print(f"triton {triton.__version__}, {args.target}\n")
     print("| " + " | ".join(COLUMNS) + " |")
     print("|" + "---|" * len(COLUMNS))
     for row in rows(args.target):

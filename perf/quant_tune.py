@@ -24,7 +24,7 @@ from triton_adam.bench import providers as provs
 from triton_adam.bench import runner
 
 DEFAULT_CANDIDATES = [(_tables.QUANT_NUM_WARPS, _tables.ALIGNED_QUANT_TILE_SIZE),
-                      (8, 1024), (4, 2048), (8, 2048), (4, 512)]
+                      (8, 1024), (4, 1024), (4, 2048)]
 
 
 def _candidates(text: str | None):

@@ -322,7 +322,8 @@ class TritonBucket:
         return QUANT_MAX_REGISTERS if self.spec["QUANT"] else None
 
     def tile_size(self, aligned: bool) -> int:
-        return step_tile_size(aligned, self.spec["MASTER"], self.spec["QUANT"])
+        return step_tile_size(aligned, self.spec["MASTER"], self.spec["QUANT"],
+                              self.spec["AMSGRAD"])
 
     @property
     def num_warps(self) -> int:

@@ -22,15 +22,20 @@ UNALIGNED_MASTER_TILE_SIZE = 1024
 
 # Quantised moments (QUANT) hold codes, block maxima and the dense path of small tensors in the
 # same program, up to ptxas's ceiling of QUANT_MAX_REGISTERS; their launch is sized by what
-# that allows an SM to keep in flight. With 4 warps and 1024-element tiles a thread holds 8
+# that allows an SM to keep in flight. With 8 warps and 2048-element tiles a thread holds 8
 # consecutive elements, so a warp holds a 256-element block whole (its maximum is a warp
-# shuffle, no barrier) and 4 programs fit an SM: 40 KB of loads in flight for float32 params
-# against 20 KB with 8 warps and 4 elements a thread (perf/kernel_stats.py, sm_90). Unaligned
+# shuffle, no barrier), and the 2 programs that fit an SM keep 40 KB of loads in flight for
+# float32 params, against 20 KB with 1024-element tiles (4 elements a thread, blocks across
+# warps: perf/kernel_stats.py, sm_90). 4 warps x 1024 is the same per thread and per SM under
+# triton 3.9, but triton 3.6's code for it spills (up to 416 B) under the ceiling. Unaligned
 # tiles, whose scalar accesses need more registers, stay at 512. To be re-tuned by measurement
 # on a GPU (perf/quant_tune.py sweeps these).
-QUANT_NUM_WARPS = 4
-ALIGNED_QUANT_TILE_SIZE = 1024
+QUANT_NUM_WARPS = 8
+ALIGNED_QUANT_TILE_SIZE = 2048
 UNALIGNED_QUANT_TILE_SIZE = 512
+# amsgrad's third moment with stochastic rounding or a master spilled 16-24 B at 2048 (triton
+# 3.6 and 3.9); at 1024 nothing does
+ALIGNED_QUANT_AMSGRAD_TILE_SIZE = 1024
 # ... and left alone, ptxas kept some of them (amsgrad with a master or stochastic rounding) at
 # 80 registers and spilled 12-20 bytes; given this ceiling it uses up to 128 and spills nothing
 QUANT_MAX_REGISTERS = 128
@@ -41,11 +46,13 @@ def step_num_warps(quant: int = 0) -> int:
     return QUANT_NUM_WARPS if quant else NUM_WARPS
 
 
-def step_tile_size(aligned: bool, master: int, quant: int = 0) -> int:
-    """The step kernel's TILE_SIZE for an alignment class, MASTER mode (0: none) and QUANT
-    mode (0: dense moments)."""
+def step_tile_size(aligned: bool, master: int, quant: int = 0, amsgrad: bool = False) -> int:
+    """The step kernel's TILE_SIZE for an alignment class, MASTER mode (0: none), QUANT mode
+    (0: dense moments) and amsgrad."""
     if quant:
-        return ALIGNED_QUANT_TILE_SIZE if aligned else UNALIGNED_QUANT_TILE_SIZE
+        if not aligned:
+            return UNALIGNED_QUANT_TILE_SIZE
+        return ALIGNED_QUANT_AMSGRAD_TILE_SIZE if amsgrad else ALIGNED_QUANT_TILE_SIZE
     if aligned:
         return ALIGNED_TILE_SIZE
     return UNALIGNED_MASTER_TILE_SIZE if master else UNALIGNED_TILE_SIZE

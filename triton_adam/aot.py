@@ -97,7 +97,7 @@ def _quantized_spec(dtype, grad_dtype, state_dtype, master, stochastic, amsgrad,
     return dict(PARAM_DTYPE=dtype, GRAD_DTYPE=grad_dtype, STATE_DTYPE=state_dtype,
                 AMSGRAD=amsgrad, MASTER=master, STOCHASTIC_ROUNDING=stochastic,
                 HAS_GRAD_SCALE=True, HAS_FOUND_INF=True, ALIGNED=aligned,
-                BLOCK_SIZE=BLOCK_SIZE, TILE_SIZE=step_tile_size(aligned, master, quant),
+                BLOCK_SIZE=BLOCK_SIZE, TILE_SIZE=step_tile_size(aligned, master, quant, amsgrad),
                 QUANT=quant, QUANT_BLOCK=quant_block)
 
 
