@@ -8,10 +8,11 @@ Each candidate (warps per program x elements per aligned tile) is set in triton_
 before the optimizer is built, so its kernels compile with it; the bench's own runner times
 the step (CUDA events, median) and counts the bytes. Every candidate runs int8 states on each
 param dtype; the other formats run at the first candidate (the current default unless
---candidates says otherwise). torch's fused AdamW (moments in the params' dtype) is timed once per dtype
-as the yardstick. Prints a table (ms, GB/s, % of the copy bandwidth, ratio to fused) and
-writes the records with --json. perf/kernel_stats.py gives the same candidates' static model.
-On a CPU (the interpreter) it runs too, slowly: for a smoke test use a small preset.
+--candidates says otherwise). torch's fused AdamW (moments in the params' dtype) is timed
+once per dtype as the yardstick. Prints a table (ms, GB/s, % of the copy bandwidth, ratio to
+fused) and writes the records with --json. perf/kernel_stats.py gives the same candidates'
+static model. On a CPU (the interpreter) it runs too, slowly: for a smoke test use a small
+preset.
 """
 from __future__ import annotations
 
@@ -72,8 +73,8 @@ def main(argv=None) -> int:
         fused, copy = _bench(args.preset, dtype, "fused", None, args.steps, args.device)
         records.append(dict(fused, candidate=None))
         fused_ms = fused.get("median_ms")
-        print(f"| {dtype} | torch fused (moments in {dtype}) | - | {fused_ms or float('nan'):.3f} | "
-              f"{fused.get('gbps') or 0:.0f} | "
+        print(f"| {dtype} | torch fused (moments in {dtype}) | - | "
+              f"{fused_ms or float('nan'):.3f} | {fused.get('gbps') or 0:.0f} | "
               f"{100 * (fused.get('gbps') or 0) / copy if copy else 0:.0f} | 1.00x |", flush=True)
         for index, (warps, tile) in enumerate(candidates):
             for state_dtype in formats if index == 0 else formats[:1]:
