@@ -1,6 +1,10 @@
-"""The perf/ scripts that tune the kernels: quant_tune.py runs its candidates through the bench."""
+"""The perf/ scripts that tune the kernels: quant_tune.py runs its candidates through the bench;
+kernel_stats.py compiles a launch candidate and reads its SASS."""
 import importlib.util
 import json
+import os
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -52,3 +56,21 @@ def test_quant_tune_reads_candidates():
     assert quant_tune._candidates("4x1024,8X2048") == [(4, 1024), (8, 2048)]
     with pytest.raises(ValueError):
         quant_tune._candidates("4-1024")
+
+
+@pytest.mark.aot  # compiles for a GPU target: with the other compile tests, last
+def test_kernel_stats_models_the_default_quantised_launch():
+    """The one-tile harness still calls the step kernel's block function as it is, and the
+    model's numbers for the default int8 launch are those of a sane kernel."""
+    script = ("import json, sys; sys.path.insert(0, sys.argv[1]); import kernel_stats as k; "
+              "from triton_adam import _tables as t; w, n = t.QUANT_NUM_WARPS, "
+              "t.ALIGNED_QUANT_TILE_SIZE; print(json.dumps({**k.kernel_stats('fp32', 'int8', "
+              "w, n, 90), **k.tile_stats('fp32', 'int8', w, n, 90)}))")
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    result = subprocess.run([sys.executable, "-c", script, str(PERF)], env=env,
+                            capture_output=True, text=True, timeout=600)
+    assert result.returncode == 0, result.stderr[-3000:]
+    stats = json.loads(result.stdout.strip().splitlines()[-1])
+    assert stats["spill_bytes"] == 0 and 0 < stats["registers"] <= 128
+    assert stats["elements_per_thread"] == 8 and stats["programs_per_sm"] >= 2
+    assert 60 < stats["instructions_per_element"] < 200
