@@ -340,12 +340,8 @@ def _adam_block(
         if QUANT != QUANT_NONE:  # a second moment's codes are its root's
             store_moment(max_exp_avg_sq_ptr, max_exp_avg_sq_scale_ptr, root, offsets, mask,
                          n_valid, False, QUANT, TILE_SIZE, QUANT_BLOCK)
-            exp_avg_sq_root = tl.sqrt_rn(exp_avg_sq)
-        else:
-            exp_avg_sq_root = root  # unused
     else:
         root = tl.sqrt_rn(exp_avg_sq)
-        exp_avg_sq_root = root
     if QUANT == QUANT_NONE:
         denom = tl.div_rn(root, bc2_sqrt) + eps
         param = param + tl.div_rn(neg_step_size * exp_avg, denom)
@@ -363,8 +359,10 @@ def _adam_block(
     else:
         store_moment(exp_avg_ptr, exp_avg_scale_ptr, exp_avg, offsets, mask, n_valid, True,
                      QUANT, TILE_SIZE, QUANT_BLOCK)
-        store_moment(exp_avg_sq_ptr, exp_avg_sq_scale_ptr, exp_avg_sq_root, offsets, mask,
-                     n_valid, False, QUANT, TILE_SIZE, QUANT_BLOCK)
+        if AMSGRAD:  # the update's root was max_exp_avg_sq's
+            root = tl.sqrt_rn(exp_avg_sq)
+        store_moment(exp_avg_sq_ptr, exp_avg_sq_scale_ptr, root, offsets, mask, n_valid, False,
+                     QUANT, TILE_SIZE, QUANT_BLOCK)
 
 
 @triton.jit

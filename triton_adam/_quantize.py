@@ -182,11 +182,9 @@ def encode_signed(x: Tensor, fmt: Format = FORMATS["int8"]):
 
 def _steps(scale: Tensor, levels: float) -> Tensor:
     """A block's decoding step: scale / levels**2 (integer maps) or scale / 448 (fp8), divided
-    correctly rounded as the kernels do (a CUDA tensor divided by a Python number is
-    multiplied by its reciprocal instead)."""
-    divisor = torch.tensor(levels * levels if levels else FP8_MAX, dtype=torch.float32,
-                           device=scale.device)
-    return scale / divisor
+    correctly rounded as the kernels do: by a 0-d tensor on the scale's device, filled there
+    (a CUDA tensor divided by a Python number is multiplied by its reciprocal instead)."""
+    return scale / scale.new_full((), levels * levels if levels else FP8_MAX)
 
 
 def decode_signed(codes: Tensor, scale: Tensor, numel: int, fmt: Format = FORMATS["int8"]):
