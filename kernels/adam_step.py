@@ -52,6 +52,9 @@ COEF_WIDTH = tl.constexpr(12)
 MASTER_NONE, MASTER_FP32, MASTER_REMAINDER, MASTER_KAHAN = map(tl.constexpr, range(4))
 
 COEF_BLOCK = 128  # tensors per program of the coefficient kernel
+# Elements per masked piece of a quantised kernel's partial tile (see _adam_tile): one a thread
+# with 8 warps
+PARTIAL_PIECE_SIZE = tl.constexpr(256)
 # Steps are float32 in torch's state format, exact up to 2**24; 32 squarings cover any int32 step.
 _STEP_BITS = tl.constexpr(32)
 
@@ -374,10 +377,12 @@ def _adam_tile(
     PARAM_DTYPE: tl.constexpr, STATE_DTYPE: tl.constexpr, AMSGRAD: tl.constexpr,
     HAS_GRAD_SCALE: tl.constexpr, MASTER: tl.constexpr, STOCHASTIC_ROUNDING: tl.constexpr,
     QUANT: tl.constexpr, QUANT_BLOCK: tl.constexpr, TILE_SIZE: tl.constexpr,
+    PIECE_SIZE: tl.constexpr,
 ):
-    """One tile of ``remaining`` (may be <= 0) elements: unmasked when it is whole."""
-    lanes = tl.arange(0, TILE_SIZE)
+    """One tile of ``remaining`` (may be <= 0) elements: unmasked when it is whole; a partial
+    tile in masked pieces of PIECE_SIZE elements (whole QUANT_BLOCKs)."""
     if remaining >= TILE_SIZE:
+        lanes = tl.arange(0, TILE_SIZE)
         _adam_block(param_ptr, grad_ptr, exp_avg_ptr, exp_avg_sq_ptr, max_exp_avg_sq_ptr,
                     master_ptr, lanes, None, one_minus_beta1, beta2, one_minus_beta2, eps,
                     neg_step_size, bc2_sqrt, param_scale, l2, grad_sign, clip, grad_scale,
@@ -385,13 +390,24 @@ def _adam_tile(
                     max_exp_avg_sq_scale_ptr, TILE_SIZE, PARAM_DTYPE, STATE_DTYPE, AMSGRAD,
                     HAS_GRAD_SCALE, MASTER, STOCHASTIC_ROUNDING, QUANT, QUANT_BLOCK, TILE_SIZE)
     elif remaining > 0:
-        _adam_block(param_ptr, grad_ptr, exp_avg_ptr, exp_avg_sq_ptr, max_exp_avg_sq_ptr,
-                    master_ptr, lanes, lanes < remaining.to(tl.int32), one_minus_beta1, beta2,
-                    one_minus_beta2, eps, neg_step_size, bc2_sqrt, param_scale, l2, grad_sign,
-                    clip, grad_scale, rng_key, rng_stream, rng_start, exp_avg_scale_ptr,
-                    exp_avg_sq_scale_ptr, max_exp_avg_sq_scale_ptr, remaining, PARAM_DTYPE,
-                    STATE_DTYPE, AMSGRAD, HAS_GRAD_SCALE, MASTER, STOCHASTIC_ROUNDING, QUANT,
-                    QUANT_BLOCK, TILE_SIZE)
+        # Masked accesses are scalar: each keeps its own address live. A whole masked tile of
+        # codes made this (rare) path the kernel's largest, and ptxas sizes the registers of
+        # every tile by it; in pieces it needs fewer than a full tile.
+        lanes = tl.arange(0, PIECE_SIZE)
+        for piece in range(0, TILE_SIZE, PIECE_SIZE):
+            left = remaining - piece
+            if left > 0:
+                codes = _code_index(piece, QUANT)
+                scales = piece // QUANT_BLOCK
+                _adam_block(param_ptr + piece, grad_ptr + piece, exp_avg_ptr + codes,
+                            exp_avg_sq_ptr + codes, max_exp_avg_sq_ptr + codes,
+                            master_ptr + piece, lanes, lanes < left.to(tl.int32),
+                            one_minus_beta1, beta2, one_minus_beta2, eps, neg_step_size,
+                            bc2_sqrt, param_scale, l2, grad_sign, clip, grad_scale, rng_key,
+                            rng_stream, rng_start + piece, exp_avg_scale_ptr + scales,
+                            exp_avg_sq_scale_ptr + scales, max_exp_avg_sq_scale_ptr + scales,
+                            left, PARAM_DTYPE, STATE_DTYPE, AMSGRAD, HAS_GRAD_SCALE, MASTER,
+                            STOCHASTIC_ROUNDING, QUANT, QUANT_BLOCK, PIECE_SIZE)
 
 
 @triton.jit
@@ -435,6 +451,13 @@ def adam_step_kernel(
         SIGNED_CODE_DTYPE: tl.constexpr = tl.int8
     else:
         SIGNED_CODE_DTYPE: tl.constexpr = tl.uint8
+    # a tensor's last, partial tile: whole (dense kernels) or in pieces of whole code blocks
+    if QUANT == QUANT_NONE:
+        PIECE_SIZE: tl.constexpr = TILE_SIZE
+    elif QUANT_BLOCK > PARTIAL_PIECE_SIZE:
+        PIECE_SIZE: tl.constexpr = QUANT_BLOCK
+    else:
+        PIECE_SIZE: tl.constexpr = PARTIAL_PIECE_SIZE
     pid = tl.program_id(0).to(tl.int64)
     tensor = tl.load(block_map + pid * 2).to(tl.int64)
     block = tl.load(block_map + pid * 2 + 1).to(tl.int64)
@@ -516,8 +539,9 @@ def adam_step_kernel(
             exp_avg_scale_ptr = coef_table  # never read
             exp_avg_sq_scale_ptr = coef_table
             max_exp_avg_sq_scale_ptr = coef_table
-        # A program walks its block in tiles: one tile when aligned (16-byte accesses need few
-        # registers), smaller tiles otherwise so that scalar accesses do not spill.
+        # A program walks its block in tiles, smaller ones when unaligned so that scalar
+        # accesses do not spill. An aligned quantised program has one tile: a loop would keep
+        # its pointers and coefficients live across it (see _tables.step_block_size).
         for tile_start in range(0, BLOCK_SIZE, TILE_SIZE):
             remaining = numel - start - tile_start
             dense_tile = True
@@ -535,7 +559,7 @@ def adam_step_kernel(
                                exp_avg_scale_ptr + scale_tile, exp_avg_sq_scale_ptr + scale_tile,
                                max_exp_avg_sq_scale_ptr + scale_tile, remaining,
                                PARAM_DTYPE, STATE_DTYPE, AMSGRAD, HAS_GRAD_SCALE, MASTER,
-                               STOCHASTIC_ROUNDING, QUANT, QUANT_BLOCK, TILE_SIZE)
+                               STOCHASTIC_ROUNDING, QUANT, QUANT_BLOCK, TILE_SIZE, PIECE_SIZE)
             if dense_tile:
                 _adam_tile(param_ptr + tile_start, grad_ptr + tile_start,
                            exp_avg_ptr + tile_start, exp_avg_sq_ptr + tile_start,
@@ -545,7 +569,7 @@ def adam_step_kernel(
                            rng_key, rng_stream, rng_start + tile_start,
                            exp_avg_scale_ptr, exp_avg_sq_scale_ptr, max_exp_avg_sq_scale_ptr,
                            remaining, PARAM_DTYPE, STATE_DTYPE, AMSGRAD, HAS_GRAD_SCALE, MASTER,
-                           STOCHASTIC_ROUNDING, QUANT_NONE, QUANT_BLOCK, TILE_SIZE)
+                           STOCHASTIC_ROUNDING, QUANT_NONE, QUANT_BLOCK, TILE_SIZE, PIECE_SIZE)
 
 
 def run_or_compile(kernel, grid, warmup, *args, **kwargs):

@@ -2,8 +2,9 @@
 
     python perf/kernel_stats.py [--target sm_90] [--json stats.json]
 
-For each launch configuration (warps per program, elements per tile) of the quantised step
-kernel, and the dense float32 kernel as the yardstick (it ran at 83% of the copy bandwidth on an
+For each launch configuration (warps per program, elements per tile, which is also the
+program's, and ptxas's register ceiling) of the quantised step kernel, and the dense float32
+kernel as the yardstick (it ran at 83% of the copy bandwidth on an
 H200, perf/results/nvidia-h200-2026-11-30), this compiles with the Triton compiler and ptxas
 that ship with triton and reports:
 
@@ -34,15 +35,17 @@ import triton
 import triton.language as tl
 
 from triton_adam import aot
-from triton_adam._tables import BLOCK_SIZE, QUANT_MAX_REGISTERS
+from triton_adam import _tables
 from triton_adam.kernels import adam_step, moment_codes
 
 QUANTS = {"none": int(moment_codes.QUANT_NONE), "int8": int(moment_codes.QUANT_INT8),
           "int4": int(moment_codes.QUANT_INT4), "fp8": int(moment_codes.QUANT_FP8)}
 QUANT_BLOCKS = {"none": 256, "int8": 256, "int4": 128, "fp8": 256}
-# (warps per program, elements per aligned tile): the quantised kernel's candidates
-CANDIDATES = [(8, 1024), (4, 1024), (8, 2048), (4, 2048), (4, 512)]
-DENSE = (8, 2048)  # the dense kernel's configuration (_tables)
+# (warps per program, elements per aligned tile, register ceiling): the quantised kernel's
+# candidates; a quantised program updates one tile (_tables.step_block_size)
+CANDIDATES = [(8, 2048, 80), (8, 2048, 64), (8, 2048, 128), (8, 1024, 80), (4, 1024, 80),
+              (4, 2048, 128)]
+DENSE = (8, 2048, None)  # the dense kernel's configuration (_tables)
 SM_REGISTERS, SM_WARPS, SM_PROGRAMS, SM_SHARED = 65536, 64, 32, 228 * 1024
 SLOW_PATH_PER_CALL = 5  # MOVs of the arguments, CALL, MOV of the result: run only off the fast path
 
@@ -86,7 +89,8 @@ def _opcodes(sass: str, kernel: str) -> list:
                                     body) if op != "NOP"]
 
 
-def tile_stats(param: str, quant: str, num_warps: int, tile: int, arch: int) -> dict:
+def tile_stats(param: str, quant: str, num_warps: int, tile: int, arch: int,
+               max_registers: int | None = None) -> dict:
     from triton.backends.compiler import GPUTarget
     from triton.compiler import ASTSource
 
@@ -103,7 +107,7 @@ def tile_stats(param: str, quant: str, num_warps: int, tile: int, arch: int) -> 
         ASTSource(fn=one_tile_kernel, signature=signature, constexprs=constexprs),
         target=GPUTarget("cuda", arch, 32),
         options={"num_warps": num_warps, "enable_fp_fusion": False,
-                 "maxnreg": QUANT_MAX_REGISTERS})
+                 **({"maxnreg": max_registers} if max_registers else {})})
     ops = _opcodes(_sass(compiled.asm["cubin"], arch), "one_tile_kernel")
     per_thread = tile // (32 * num_warps)
     hot = len(ops) - SLOW_PATH_PER_CALL * ops.count("CALL")
@@ -113,14 +117,16 @@ def tile_stats(param: str, quant: str, num_warps: int, tile: int, arch: int) -> 
             "shared_accesses_per_tile": ops.count("STS") + ops.count("LDS")}
 
 
-def kernel_stats(param: str, quant: str, num_warps: int, tile: int, arch: int) -> dict:
+def kernel_stats(param: str, quant: str, num_warps: int, tile: int, arch: int,
+                 max_registers: int | None = None) -> dict:
     spec = dict(PARAM_DTYPE=param, GRAD_DTYPE=param, STATE_DTYPE="fp32", AMSGRAD=False,
                 MASTER=int(adam_step.MASTER_NONE), STOCHASTIC_ROUNDING=False,
                 HAS_GRAD_SCALE=quant != "none", HAS_FOUND_INF=quant != "none", ALIGNED=True,
-                BLOCK_SIZE=BLOCK_SIZE, TILE_SIZE=tile, QUANT=QUANTS[quant],
+                BLOCK_SIZE=tile if quant != "none" else _tables.BLOCK_SIZE, TILE_SIZE=tile,
+                QUANT=QUANTS[quant],
                 QUANT_BLOCK=QUANT_BLOCKS[quant])
     compiled = aot._compile(adam_step.adam_step_kernel, aot.STEP_SIGNATURE, spec, arch,
-                            num_warps, QUANT_MAX_REGISTERS if quant != "none" else None)
+                            num_warps, max_registers)
     report = aot._ptxas_report(compiled.asm["ptx"], arch)
     shared = int(compiled.metadata.shared)
     allocated = -(-report["registers"] // 8) * 8
@@ -138,19 +144,20 @@ def kernel_stats(param: str, quant: str, num_warps: int, tile: int, arch: int) -
 def rows(target: str):
     arch = aot._parse_target(target)
     configs = [("fp32", "none", *DENSE)]
-    configs += [(param, quant, warps, tile) for quant in ("int8", "int4", "fp8")
-                for param in ("fp32", "bf16") for warps, tile in CANDIDATES]
-    for param, quant, warps, tile in configs:
+    configs += [(param, quant, *candidate) for quant in ("int8", "int4", "fp8")
+                for param in ("fp32", "bf16") for candidate in CANDIDATES]
+    for param, quant, warps, tile, ceiling in configs:
         row = {"target": target, "param": param, "state": quant, "num_warps": warps,
-               "tile": tile}
-        row.update(kernel_stats(param, quant, warps, tile, arch))
-        row.update(tile_stats(param, quant, warps, tile, arch))
+               "tile": tile, "max_registers": ceiling or "-"}
+        row.update(kernel_stats(param, quant, warps, tile, arch, ceiling))
+        row.update(tile_stats(param, quant, warps, tile, arch, ceiling))
         yield row
 
 
-COLUMNS = ["param", "state", "num_warps", "tile", "registers", "spill_bytes", "shared_bytes",
-           "programs_per_sm", "warps_per_sm", "kb_in_flight_per_sm", "elements_per_thread",
-           "instructions_per_element", "barriers_per_tile", "shuffles_per_tile",
+COLUMNS = ["param", "state", "num_warps", "tile", "max_registers", "registers", "spill_bytes",
+           "shared_bytes", "programs_per_sm", "warps_per_sm", "kb_in_flight_per_sm",
+           "elements_per_thread", "instructions_per_element", "barriers_per_tile",
+           "shuffles_per_tile",
            "shared_accesses_per_tile"]
 
 

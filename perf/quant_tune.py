@@ -1,10 +1,11 @@
 """Measure the quantised step kernel's launch configurations on a GPU, in one run.
 
     python perf/quant_tune.py [--preset llama-3.2-1b] [--dtype fp32,bf16] [--steps 10]
-                              [--candidates 4x1024,8x1024,...] [--formats int8,int4,fp8]
+                              [--candidates 8x2048/80,8x2048/64,...] [--formats int8,int4,fp8]
                               [--json tune.json]
 
-Each candidate (warps per program x elements per aligned tile) is set in triton_adam._tables
+Each candidate (warps per program x elements per aligned tile, which a program updates, and
+optionally /the register ceiling of ptxas, else the current one) is set in triton_adam._tables
 before the optimizer is built, so its kernels compile with it; the bench's own runner times
 the step (CUDA events, median) and counts the bytes. Every candidate runs int8 states on each
 param dtype; the other formats run at the first candidate (the current default unless
@@ -24,8 +25,12 @@ from triton_adam import _tables
 from triton_adam.bench import providers as provs
 from triton_adam.bench import runner
 
-DEFAULT_CANDIDATES = [(_tables.QUANT_NUM_WARPS, _tables.ALIGNED_QUANT_TILE_SIZE),
-                      (8, 1024), (4, 1024), (4, 2048)]
+def _current():
+    return (_tables.QUANT_NUM_WARPS, _tables.ALIGNED_QUANT_TILE_SIZE,
+            _tables.ALIGNED_QUANT_MAX_REGISTERS)
+
+
+DEFAULT_CANDIDATES = [_current(), (8, 2048, 64), (8, 1024, 80), (4, 1024, 80)]
 
 
 def _candidates(text: str | None):
@@ -33,14 +38,21 @@ def _candidates(text: str | None):
         return list(dict.fromkeys(DEFAULT_CANDIDATES))
     out = []
     for item in text.split(","):
-        warps, tile = item.lower().split("x")
-        out.append((int(warps), int(tile)))
+        launch, _, ceiling = item.lower().partition("/")
+        warps, tile = launch.split("x")
+        out.append((int(warps), int(tile),
+                    int(ceiling) if ceiling else _tables.ALIGNED_QUANT_MAX_REGISTERS))
     return out
 
 
-def _set_launch(warps: int, tile: int) -> None:
+def _label(warps: int, tile: int, ceiling: int) -> str:
+    return f"{warps}x{tile}/{ceiling}"
+
+
+def _set_launch(warps: int, tile: int, ceiling: int) -> None:
     _tables.QUANT_NUM_WARPS = warps
     _tables.ALIGNED_QUANT_TILE_SIZE = tile
+    _tables.ALIGNED_QUANT_MAX_REGISTERS = ceiling
 
 
 def _bench(preset, dtype, provider, state_dtype, steps, device):
@@ -58,16 +70,16 @@ def main(argv=None) -> int:
     parser.add_argument("--preset", default="llama-3.2-1b")
     parser.add_argument("--dtype", default="fp32,bf16")
     parser.add_argument("--steps", type=int, default=10)
-    parser.add_argument("--candidates", help="WARPSxTILE, comma-separated")
+    parser.add_argument("--candidates", help="WARPSxTILE[/REGISTERS], comma-separated")
     parser.add_argument("--formats", default="int8,int4,fp8")
     parser.add_argument("--device", default="auto")
     parser.add_argument("--json")
     args = parser.parse_args(argv)
-    default = (_tables.QUANT_NUM_WARPS, _tables.ALIGNED_QUANT_TILE_SIZE)
+    default = _current()
     candidates = _candidates(args.candidates)
     formats = args.formats.split(",")
     records = []
-    print("| dtype | state | warps x tile | step ms | GB/s | % copy | vs fused |")
+    print("| dtype | state | warps x tile / registers | step ms | GB/s | % copy | vs fused |")
     print("|---|---|---|---:|---:|---:|---:|")
     for dtype in args.dtype.split(","):
         fused, copy = _bench(args.preset, dtype, "fused", None, args.steps, args.device)
@@ -76,22 +88,23 @@ def main(argv=None) -> int:
         print(f"| {dtype} | torch fused (moments in {dtype}) | - | "
               f"{fused_ms or float('nan'):.3f} | {fused.get('gbps') or 0:.0f} | "
               f"{100 * (fused.get('gbps') or 0) / copy if copy else 0:.0f} | 1.00x |", flush=True)
-        for index, (warps, tile) in enumerate(candidates):
+        for index, candidate in enumerate(candidates):
+            label = _label(*candidate)
             for state_dtype in formats if index == 0 else formats[:1]:
-                _set_launch(warps, tile)
+                _set_launch(*candidate)
                 try:
                     row, copy = _bench(args.preset, dtype, "triton-adam", state_dtype,
                                        args.steps, args.device)
                 finally:
                     _set_launch(*default)
-                records.append(dict(row, candidate=f"{warps}x{tile}", state_dtype=state_dtype))
+                records.append(dict(row, candidate=label, state_dtype=state_dtype))
                 if row.get("status") != "ok":
-                    print(f"| {dtype} | {state_dtype} | {warps}x{tile} | {row.get('status')}: "
+                    print(f"| {dtype} | {state_dtype} | {label} | {row.get('status')}: "
                           f"{row.get('reason')} | | | |", flush=True)
                     continue
                 ms, gbps = row["median_ms"], row.get("gbps") or 0
                 ratio = f"{fused_ms / ms:.2f}x" if fused_ms else "-"
-                print(f"| {dtype} | {state_dtype} | {warps}x{tile} | {ms:.3f} | {gbps:.0f} | "
+                print(f"| {dtype} | {state_dtype} | {label} | {ms:.3f} | {gbps:.0f} | "
                       f"{100 * gbps / copy if copy else 0:.0f} | {ratio} |", flush=True)
     if args.json:
         with open(args.json, "w") as f:

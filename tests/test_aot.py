@@ -33,8 +33,11 @@ def test_every_specialisation_compiles(reports):
     # master) x amsgrad x aligned; "ci" and "coverage": amsgrad with float32 grads, 9 roles
     step += 3 * (17 * 2 * 2 if aot_jobs.SCOPE == "all" else 9 * 2)
     step += 3 * 3 * 2  # each format's 3 other block sizes (quant_block_size), aligned or not
+    # grad dtypes x norms x aligned, over dense buckets' block maps; over quantised ones' (2
+    # block sizes): the same, or ("ci", "coverage") float32 grads and the L2 norm
+    partials = 3 * 3 * 2 + 2 * (3 * 3 * 2 if aot_jobs.SCOPE == "all" else 2)
     assert counts == {"adam_coefficients_kernel": 4, "adam_step_kernel": step,
-                      "grad_norm_partials_kernel": 3 * 3 * 2, "grad_norm_finalize_kernel": 3 * 3,
+                      "grad_norm_partials_kernel": partials, "grad_norm_finalize_kernel": 3 * 3,
                       "grad_norm_segments_kernel": 3}
     assert all(r["ptx_bytes"] > 0 and r["registers"] > 0 for r in reports)
 
@@ -42,6 +45,17 @@ def test_every_specialisation_compiles(reports):
 def test_nothing_spills(reports):
     spilled = [(r["name"], r["spec"], r["spill_bytes"]) for r in reports if r["spill_bytes"]]
     assert not spilled
+
+
+def test_aligned_quantised_kernels_fit_three_programs_an_sm(reports):
+    """Under their register ceiling (3 programs of 8 warps an SM), with no local memory at
+    all: one tile a program, partial tiles in pieces (see _tables.step_block_size)."""
+    quantised = [r for r in reports if r["name"] == "adam_step_kernel"
+                 and r["spec"]["QUANT"] and r["spec"]["ALIGNED"]]
+    assert quantised
+    for r in quantised:
+        assert r["num_warps"] == 8 and r["spec"]["BLOCK_SIZE"] == r["spec"]["TILE_SIZE"]
+        assert r["registers"] <= 80 and r["stack_bytes"] == 0, (r["spec"], r["registers"])
 
 
 def test_aligned_step_kernels_use_16_byte_accesses(reports):

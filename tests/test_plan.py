@@ -1,7 +1,8 @@
 """The block map behind one launch, including tensors past 2**31 elements (no allocation)."""
 import numpy as np
+import pytest
 
-from triton_adam._plan import BLOCK_SIZE, build_block_map
+from triton_adam._tables import build_block_map, step_block_size
 
 
 def test_block_map_covers_every_block_once():
@@ -11,15 +12,18 @@ def test_block_map_covers_every_block_once():
     assert block_map.tolist() == [[0, 0], [2, 0], [2, 1], [2, 2], [3, 0], [3, 1]]
 
 
-def test_block_map_for_a_tensor_past_int32_elements():
+# elements per program: dense moments, quantised ones, quantised with amsgrad
+@pytest.mark.parametrize("block_size", sorted({step_block_size(quant, amsgrad)
+                                               for quant in (0, 1) for amsgrad in (False, True)}))
+def test_block_map_for_a_tensor_past_int32_elements(block_size):
     numel = 2**31 + 5
-    blocks = -(-numel // BLOCK_SIZE)
+    blocks = -(-numel // block_size)
     block_map = build_block_map(np.array([3, blocks]))
     last_tensor, last_block = block_map[-1]
     assert last_tensor == 1
     # the kernel widens the block index to int64 before multiplying
-    start = np.int64(last_block) * BLOCK_SIZE
-    assert start < numel <= start + BLOCK_SIZE
+    start = np.int64(last_block) * block_size
+    assert start < numel <= start + block_size
     assert start > 2**31 - 1
 
 

@@ -172,6 +172,41 @@ def test_both_backends_give_the_same_bits(dtype, name):
     assert len(buckets) == 1 and len(buckets[0].members) == len(SHAPES)
 
 
+# numels against a quantised program's tile (_tables.ALIGNED_QUANT_TILE_SIZE) and the pieces
+# of 256 elements (or one scale block, if larger) its partial last tile goes in: whole tiles,
+# one element past, a part of a piece, pieces and a part, odd counts; below a tile too
+PARTIAL_TILE_NUMELS = [4096, 2049, 2048 + 200, 2048 + 257, 2048 + 1023, 6143, 1, 3, 255, 513]
+
+
+@pytest.mark.parametrize("name,options", [
+    ("int8", {}), ("int4", {}), ("fp8", {}), ("int8", dict(amsgrad=True)),
+    ("int4", dict(quant_block_size=512)), ("fp8", dict(quant_block_size=64, amsgrad=True)),
+])
+def test_partial_tiles_are_updated_whole_in_pieces(name, options):
+    """Every element of a tensor's partial last tile is stepped and encoded, whatever the
+    length left (the kernel takes it in masked pieces): both backends give the same bits over
+    tensors of every length class, quantised down to one element, in one launch."""
+    needs_interpreter()
+    runs = []
+    for backend in ("triton", "torch"):
+        generator = torch.Generator().manual_seed(sum(PARTIAL_TILE_NUMELS))
+        params = [torch.nn.Parameter(torch.randn(n, generator=generator))
+                  for n in PARTIAL_TILE_NUMELS]
+        starts = [p.detach().clone() for p in params]
+        opt = triton_adam.AdamW(params, lr=1e-2, backend=backend, state_dtype=name,
+                                min_quantized_numel=0, **options)
+        for _ in range(3):
+            for p in params:
+                p.grad = torch.randn(p.shape, generator=generator)
+            opt.step()
+        runs.append((params, opt))
+    (a, opt_a), (b, opt_b) = runs
+    assert_same_state(opt_a, a, opt_b, b)
+    assert all("exp_avg_scale" in opt_a.state[p] for p in a)  # every one quantised
+    for p, start in zip(a, starts):  # (the last run's starts: the same draws)
+        assert (p.detach() != start).all()  # every element stepped
+
+
 @pytest.mark.parametrize("name,options", [
     ("int8", dict(amsgrad=True)),
     ("int4", dict(amsgrad=True, max_grad_norm=1.0)),

@@ -24,12 +24,23 @@ class NormSource:
     n_blocks: int
     grad_dtype: object  # a triton dtype
     aligned: bool
+    block_size: int = BLOCK_SIZE  # elements per program of block_map
+
+    def launch(self, partials, counts, offset, code, warmup=False):
+        """The partial reduction of these grads into ``partials[offset:offset + n_blocks]``
+        (and their non-finite counts), or with ``warmup`` its compilation only."""
+        tile = min(ALIGNED_TILE_SIZE if self.aligned else UNALIGNED_TILE_SIZE, self.block_size)
+        N.launch_grad_norm_partials(self.tensor_table, self.grad_table, self.block_map, partials,
+                                    counts, offset, self.n_blocks, self.grad_dtype, code,
+                                    self.aligned, self.block_size, tile, NUM_WARPS,
+                                    warmup=warmup)
 
     @classmethod
     def from_bucket(cls, bucket):
         """The bucket's grads as the step sees them: one source per block range."""
         return [cls(bucket.tensor_table, bucket.grad_table, r.block_map, r.n_blocks,
-                    bucket.spec["GRAD_DTYPE"], r.aligned) for r in bucket.ranges]
+                    bucket.spec["GRAD_DTYPE"], r.aligned, bucket.block_size)
+                for r in bucket.ranges]
 
     @classmethod
     def from_grads(cls, grads):
@@ -95,10 +106,6 @@ class TritonGradNorm:
                    for s in ([source] if isinstance(source, NormSource)
                              else NormSource.from_bucket(source))]
         for source in sources:
-            N.launch_grad_norm_partials(
-                source.tensor_table, source.grad_table, source.block_map, self.partials,
-                self.counts, offset, source.n_blocks, source.grad_dtype, code, source.aligned,
-                BLOCK_SIZE, ALIGNED_TILE_SIZE if source.aligned else UNALIGNED_TILE_SIZE,
-                NUM_WARPS)
+            source.launch(self.partials, self.counts, offset, code)
             offset += source.n_blocks
         return offset

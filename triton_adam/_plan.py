@@ -17,8 +17,9 @@ from torch import Tensor
 from . import _distributed, _precision, _quantize, _validation
 from ._distributed import local
 from ._grad_norm import TritonGradNorm
-from ._tables import (ALIGNMENT, BLOCK_SIZE, QUANT_MAX_REGISTERS, build_block_map, on_device,
-                      step_num_warps, step_tile_size, to_device, triton_dtype, upload)
+from ._tables import (ALIGNMENT, build_block_map, on_device, step_block_size,
+                      step_max_registers, step_num_warps, step_tile_size, to_device,
+                      triton_dtype, upload)
 from ._torch_backend import TorchBucket, grad_norm_and_nonfinite, segment_totals
 from ._warmup import compile_plan
 from .kernels import adam_step as K
@@ -252,7 +253,8 @@ class TritonBucket:
         # per member: its own tensors are 16-byte aligned (empty ones take no block anyway)
         self.member_aligned = ~(addresses % ALIGNMENT).any(axis=1) | ~self.nonempty
         self.static_aligned = bool((self.member_aligned & self.nonempty).any())
-        self.blocks_per_tensor = -(-table[:n, int(K.COL_NUMEL)] // BLOCK_SIZE)
+        self.block_size = step_block_size(KERNEL_QUANT_MODES[precision.codes], amsgrad)
+        self.blocks_per_tensor = -(-table[:n, int(K.COL_NUMEL)] // self.block_size)
         block_map = build_block_map(self.blocks_per_tensor)
         self.n_blocks = len(block_map)
         self.tensor_table = torch.from_numpy(table).to(device)
@@ -316,10 +318,9 @@ class TritonBucket:
         """Which member each program updates, over the ranges in launch order."""
         return np.concatenate([r.block_tensor for r in self.ranges] + [np.zeros(0, np.int32)])
 
-    @property
-    def max_registers(self):
+    def max_registers(self, aligned: bool):
         """The step kernel's register ceiling (None: ptxas's choice)."""
-        return QUANT_MAX_REGISTERS if self.spec["QUANT"] else None
+        return step_max_registers(self.spec["QUANT"], aligned)
 
     def tile_size(self, aligned: bool) -> int:
         return step_tile_size(aligned, self.spec["MASTER"], self.spec["QUANT"],
@@ -350,8 +351,9 @@ class TritonBucket:
                 K.launch_adam_step(
                     self.tensor_table, self.grad_table, r.block_map, self.coef_table,
                     *self.step_amp_arguments(grad_scale, found_inf), r.n_blocks,
-                    dict(self.spec, ALIGNED=r.aligned), BLOCK_SIZE, self.tile_size(r.aligned),
-                    self.num_warps, maxnreg=self.max_registers)
+                    dict(self.spec, ALIGNED=r.aligned), self.block_size,
+                    self.tile_size(r.aligned), self.num_warps,
+                    maxnreg=self.max_registers(r.aligned))
 
 
 def state_key_names(amsgrad: bool):

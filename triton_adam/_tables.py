@@ -21,24 +21,45 @@ UNALIGNED_MASTER_TILE_SIZE = 1024
 
 
 # Quantised moments (QUANT) hold codes, block maxima and the dense path of small tensors in the
-# same program, up to ptxas's ceiling of QUANT_MAX_REGISTERS; their launch is sized by what
-# that allows an SM to keep in flight. With 8 warps and 2048-element tiles a thread holds 8
-# consecutive elements, so a warp holds a 256-element block whole (its maximum is a warp
-# shuffle, no barrier), and the 2 programs that fit an SM keep 40 KB of loads in flight for
-# float32 params, against 20 KB with 1024-element tiles (4 elements a thread, blocks across
-# warps: perf/kernel_stats.py, sm_90). 4 warps x 1024 is the same per thread and per SM under
-# triton 3.9, but triton 3.6's code for it spills (up to 416 B) under the ceiling. Unaligned
-# tiles, whose scalar accesses need more registers, stay at 512. To be re-tuned by measurement
-# on a GPU (perf/quant_tune.py sweeps these).
+# same program. With 8 warps and 2048-element tiles a thread holds 8 consecutive elements, so a
+# warp holds a 256-element block whole (its maximum is a warp shuffle, no barrier). A program
+# updates one aligned tile (step_block_size), and a tensor's partial last tile goes in masked
+# pieces (kernels/adam_step.py): then the aligned kernels need at most 80 registers, so 3
+# programs (24 warps) fit an SM and keep 60 KB of loads in flight for float32 params with int8
+# moments, where 2 programs of up to 128 registers kept 40 KB (perf/kernel_stats.py, sm_90).
+# 4 warps x 1024 is the same per thread, but triton 3.6's code for it spilled. Unaligned tiles,
+# whose scalar accesses need more registers, stay at 512, four to a program. To be re-tuned by
+# measurement on a GPU (perf/quant_tune.py sweeps these).
 QUANT_NUM_WARPS = 8
 ALIGNED_QUANT_TILE_SIZE = 2048
 UNALIGNED_QUANT_TILE_SIZE = 512
 # amsgrad's third moment with stochastic rounding or a master spilled 16-24 B at 2048 (triton
 # 3.6 and 3.9); at 1024 nothing does
 ALIGNED_QUANT_AMSGRAD_TILE_SIZE = 1024
-# ... and left alone, ptxas kept some of them (amsgrad with a master or stochastic rounding) at
-# 80 registers and spilled 12-20 bytes; given this ceiling it uses up to 128 and spills nothing
-QUANT_MAX_REGISTERS = 128
+# ptxas's register ceilings for the quantised kernels (65536 registers an SM: 3 programs of 8
+# warps at <= 80, 2 at <= 128). Every aligned specialisation fits 80 without spilling under
+# triton 3.6 and 3.9, for sm_80 and sm_90; unaligned ones loop over tiles and need up to 128
+# (left alone, ptxas kept some at 80 registers and spilled 12-20 bytes).
+ALIGNED_QUANT_MAX_REGISTERS = 80
+UNALIGNED_QUANT_MAX_REGISTERS = 128
+
+
+def step_max_registers(quant: int, aligned: bool):
+    """The step kernel's register ceiling for a QUANT mode (0: dense moments, None: ptxas's
+    choice) and alignment class."""
+    if not quant:
+        return None
+    return ALIGNED_QUANT_MAX_REGISTERS if aligned else UNALIGNED_QUANT_MAX_REGISTERS
+
+
+def step_block_size(quant: int = 0, amsgrad: bool = False) -> int:
+    """Elements per program of the step kernel (and of the grad norm over its block map) for a
+    QUANT mode (0: dense moments). A quantised program updates one aligned tile: a loop over
+    two made ptxas keep every pointer and coefficient of the program live across the loop, 40
+    registers more (triton 3.6, sm_90)."""
+    if quant:
+        return ALIGNED_QUANT_AMSGRAD_TILE_SIZE if amsgrad else ALIGNED_QUANT_TILE_SIZE
+    return BLOCK_SIZE
 
 
 def step_num_warps(quant: int = 0) -> int:

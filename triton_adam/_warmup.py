@@ -19,7 +19,7 @@ import itertools
 import torch
 
 from ._grad_norm import NORM_CODES, NormSource
-from ._tables import ALIGNED_TILE_SIZE, BLOCK_SIZE, NUM_WARPS, UNALIGNED_TILE_SIZE, on_device
+from ._tables import on_device
 from .kernels import adam_step as K
 from .kernels import grad_norm as N
 
@@ -72,9 +72,9 @@ def _compile_bucket(bucket, hyper_table, amp_modes, clipping: bool) -> None:
                 bucket.tensor_table, bucket.grad_table, bucket.block_map, bucket.coef_table,
                 *bucket.step_amp_arguments(placeholder if has_scale else None,
                                            placeholder if has_inf else None),
-                bucket.n_blocks, dict(bucket.spec, ALIGNED=aligned), BLOCK_SIZE,
+                bucket.n_blocks, dict(bucket.spec, ALIGNED=aligned), bucket.block_size,
                 bucket.tile_size(aligned), bucket.num_warps, warmup=True,
-                maxnreg=bucket.max_registers)
+                maxnreg=bucket.max_registers(aligned))
 
 
 def _norm_on_triton(plan) -> bool:
@@ -98,12 +98,9 @@ def _compile_grad_norm(plan) -> None:
         for bucket in buckets:
             for aligned in _aligned_options(bucket):
                 source = NormSource(bucket.tensor_table, bucket.grad_table, bucket.block_map,
-                                    bucket.n_blocks, bucket.spec["GRAD_DTYPE"], aligned)
-                N.launch_grad_norm_partials(
-                    source.tensor_table, source.grad_table, source.block_map, partials, counts,
-                    offset, source.n_blocks, source.grad_dtype, code, aligned, BLOCK_SIZE,
-                    ALIGNED_TILE_SIZE if aligned else UNALIGNED_TILE_SIZE, NUM_WARPS,
-                    warmup=True)
+                                    bucket.n_blocks, bucket.spec["GRAD_DTYPE"], aligned,
+                                    bucket.block_size)
+                source.launch(partials, counts, offset, code, warmup=True)
             offset += bucket.n_blocks
         if plan.norm_reduction.distributed:
             # partials folded per segment, then all-reduced (StepPlan._distributed_grad_norm)

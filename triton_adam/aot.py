@@ -12,8 +12,8 @@ import subprocess
 import tempfile
 from pathlib import Path
 
-from ._tables import (ALIGNED_TILE_SIZE, BLOCK_SIZE, NUM_WARPS, QUANT_MAX_REGISTERS,
-                      UNALIGNED_TILE_SIZE, step_num_warps, step_tile_size)
+from ._tables import (ALIGNED_TILE_SIZE, BLOCK_SIZE, NUM_WARPS, UNALIGNED_TILE_SIZE,
+                      step_block_size, step_max_registers, step_num_warps, step_tile_size)
 from ._quantize import BLOCK_SIZES
 from .kernels import adam_step, grad_norm, moment_codes
 
@@ -97,7 +97,8 @@ def _quantized_spec(dtype, grad_dtype, state_dtype, master, stochastic, amsgrad,
     return dict(PARAM_DTYPE=dtype, GRAD_DTYPE=grad_dtype, STATE_DTYPE=state_dtype,
                 AMSGRAD=amsgrad, MASTER=master, STOCHASTIC_ROUNDING=stochastic,
                 HAS_GRAD_SCALE=True, HAS_FOUND_INF=True, ALIGNED=aligned,
-                BLOCK_SIZE=BLOCK_SIZE, TILE_SIZE=step_tile_size(aligned, master, quant, amsgrad),
+                BLOCK_SIZE=step_block_size(quant, amsgrad),
+                TILE_SIZE=step_tile_size(aligned, master, quant, amsgrad),
                 QUANT=quant, QUANT_BLOCK=quant_block)
 
 
@@ -109,10 +110,19 @@ def coefficient_kernel_specs():
 NORMS = {"l2": 2, "l1": 1, "inf": grad_norm.NORM_INF}
 
 
-def grad_norm_partials_specs():
-    for dtype, norm, aligned in itertools.product(DTYPES, NORMS.values(), (True, False)):
-        yield dict(GRAD_DTYPE=dtype, NORM=norm, ALIGNED=aligned, BLOCK_SIZE=BLOCK_SIZE,
-                   TILE_SIZE=ALIGNED_TILE_SIZE if aligned else UNALIGNED_TILE_SIZE)
+def grad_norm_partials_specs(scope: str = "all"):
+    """Over the block maps of dense and quantised buckets (see _tables.step_block_size);
+    ``scope`` other than "all": the quantised ones' block sizes for float32 grads and the L2
+    norm only (the same code over shorter blocks)."""
+    block_sizes = dict.fromkeys(step_block_size(quant, amsgrad) for quant in (0, 1)
+                                for amsgrad in (False, True))
+    for dtype, norm, aligned, block in itertools.product(DTYPES, NORMS.values(), (True, False),
+                                                         block_sizes):
+        if scope != "all" and block != BLOCK_SIZE and (dtype, norm) != ("fp32", NORMS["l2"]):
+            continue
+        tile = ALIGNED_TILE_SIZE if aligned else UNALIGNED_TILE_SIZE
+        yield dict(GRAD_DTYPE=dtype, NORM=norm, ALIGNED=aligned, BLOCK_SIZE=block,
+                   TILE_SIZE=min(tile, block))
 
 
 def grad_norm_finalize_specs():
@@ -205,7 +215,7 @@ def compile_all(target: str = "sm_90", scope: str = "all") -> list[dict]:
     jobs += [("adam_step_kernel", adam_step.adam_step_kernel, STEP_SIGNATURE, s,
               step_num_warps(s["QUANT"])) for s in step_kernel_specs(scope)]
     jobs += [("grad_norm_partials_kernel", grad_norm.grad_norm_partials_kernel,
-              PARTIALS_SIGNATURE, s, NUM_WARPS) for s in grad_norm_partials_specs()]
+              PARTIALS_SIGNATURE, s, NUM_WARPS) for s in grad_norm_partials_specs(scope)]
     jobs += [("grad_norm_finalize_kernel", grad_norm.grad_norm_finalize_kernel,
               FINALIZE_SIGNATURE, s, 4) for s in grad_norm_finalize_specs()]
     jobs += [("grad_norm_segments_kernel", grad_norm.grad_norm_segments_kernel,
@@ -213,7 +223,7 @@ def compile_all(target: str = "sm_90", scope: str = "all") -> list[dict]:
     reports = []
     for name, fn, signature, spec, num_warps in jobs:
         # quantised step kernels launch with a register ceiling (see _tables)
-        maxnreg = QUANT_MAX_REGISTERS if spec.get("QUANT") else None
+        maxnreg = step_max_registers(spec.get("QUANT", 0), spec.get("ALIGNED", True))
         compiled = _compile(fn, signature, spec, arch, num_warps, maxnreg)
         ptx = compiled.asm["ptx"]
         report = {"name": name, "spec": spec, "target": f"sm_{arch}", "num_warps": num_warps,
