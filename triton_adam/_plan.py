@@ -253,7 +253,15 @@ class TritonBucket:
         # per member: its own tensors are 16-byte aligned (empty ones take no block anyway)
         self.member_aligned = ~(addresses % ALIGNMENT).any(axis=1) | ~self.nonempty
         self.static_aligned = bool((self.member_aligned & self.nonempty).any())
-        self.block_size = step_block_size(KERNEL_QUANT_MODES[precision.codes], amsgrad)
+        self.spec = dict(
+            PARAM_DTYPE=triton_dtype(dtype),
+            GRAD_DTYPE=triton_dtype(members[0].flat_grad_dtype),
+            STATE_DTYPE=triton_dtype(state_dtype), AMSGRAD=amsgrad,
+            MASTER=KERNEL_MASTER_MODES[precision.extra],
+            STOCHASTIC_ROUNDING=precision.stochastic,
+            QUANT=KERNEL_QUANT_MODES[precision.codes],
+            QUANT_BLOCK=precision.block_size,
+        )
         self.blocks_per_tensor = -(-table[:n, int(K.COL_NUMEL)] // self.block_size)
         block_map = build_block_map(self.blocks_per_tensor)
         self.n_blocks = len(block_map)
@@ -268,15 +276,6 @@ class TritonBucket:
         self.grad_ptrs = None
         self._keep_alive = []
         self.unit_and_zero = None  # see step_amp_arguments
-        self.spec = dict(
-            PARAM_DTYPE=triton_dtype(dtype),
-            GRAD_DTYPE=triton_dtype(members[0].flat_grad_dtype),
-            STATE_DTYPE=triton_dtype(state_dtype), AMSGRAD=amsgrad,
-            MASTER=KERNEL_MASTER_MODES[precision.extra],
-            STOCHASTIC_ROUNDING=precision.stochastic,
-            QUANT=KERNEL_QUANT_MODES[precision.codes],
-            QUANT_BLOCK=precision.block_size,
-        )
 
     def prepare(self, grads) -> None:
         """Point the grad table at this step's grads (an upload only if they moved)."""
@@ -321,6 +320,11 @@ class TritonBucket:
     def max_registers(self, aligned: bool):
         """The step kernel's register ceiling (None: ptxas's choice)."""
         return step_max_registers(self.spec["QUANT"], aligned)
+
+    @property
+    def block_size(self) -> int:
+        """Elements per program of the step kernel (and of the grad norm over its maps)."""
+        return step_block_size(self.spec["QUANT"], self.spec["AMSGRAD"])
 
     def tile_size(self, aligned: bool) -> int:
         return step_tile_size(aligned, self.spec["MASTER"], self.spec["QUANT"],

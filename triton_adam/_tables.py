@@ -27,9 +27,10 @@ UNALIGNED_MASTER_TILE_SIZE = 1024
 # pieces (kernels/adam_step.py): then the aligned kernels need at most 80 registers, so 3
 # programs (24 warps) fit an SM and keep 60 KB of loads in flight for float32 params with int8
 # moments, where 2 programs of up to 128 registers kept 40 KB (perf/kernel_stats.py, sm_90).
-# 4 warps x 1024 is the same per thread, but triton 3.6's code for it spilled. Unaligned tiles,
-# whose scalar accesses need more registers, stay at 512, four to a program. To be re-tuned by
-# measurement on a GPU (perf/quant_tune.py sweeps these).
+# 4 warps x 1024 is the same per thread in smaller programs (7 an SM at <= 72 registers), but
+# spills with amsgrad at 1024 elements. Unaligned tiles, whose scalar accesses need more
+# registers, stay at 512, four to a program. To be re-tuned by measurement on a GPU
+# (perf/quant_tune.py sweeps these).
 QUANT_NUM_WARPS = 8
 ALIGNED_QUANT_TILE_SIZE = 2048
 UNALIGNED_QUANT_TILE_SIZE = 512
