@@ -6,6 +6,7 @@ outcome on each rank comes back as plain data: "ok" or the traceback text.
 from __future__ import annotations
 
 import datetime
+import gc
 import importlib
 import os
 import queue
@@ -48,6 +49,9 @@ def _worker(rank, world_size, port, module_name, scenarios, shared_dir, results)
                 results.put(("<barrier>", rank, traceback.format_exc()))
                 return
     finally:
+        # FSDP2 objects sit in reference cycles; freed at interpreter exit, after gloo's
+        # threads, they can kill the rank in std::terminate (see triton_adam/bench/fsdp2.py).
+        gc.collect()
         dist.destroy_process_group()
 
 

@@ -1,10 +1,12 @@
 """The FSDP2 host-time benchmark runs a real gloo world and reports every provider."""
 import json
+import time
 
 import pytest
 import torch.distributed as dist
+import torch.multiprocessing as mp
 
-from triton_adam.bench.fsdp2 import PROVIDERS, Fsdp2BenchConfig, run
+from triton_adam.bench.fsdp2 import PROVIDERS, Fsdp2BenchConfig, _join_within, run
 from triton_adam.cli import main
 
 pytestmark = pytest.mark.skipif(not (dist.is_available() and dist.is_gloo_available()),
@@ -34,3 +36,13 @@ def test_cli_bench_fsdp2_writes_json(tmp_path, capsys):
 def test_cli_bench_fsdp2_refuses_a_bad_world_size(capsys):
     assert main(["bench", "--fsdp2", "0"]) == 1
     assert "world size" in capsys.readouterr().out
+
+
+def test_a_world_past_its_time_is_killed_not_waited_for():
+    # Rank r sleeps r seconds: ranks 1-3 are still running at the deadline.
+    context = mp.start_processes(time.sleep, nprocs=4, start_method="spawn", join=False)
+    start = time.monotonic()
+    with pytest.raises(TimeoutError, match="did not finish in 0.5 s"):
+        _join_within(context, 0.5)
+    assert time.monotonic() - start < 10
+    assert not any(process.is_alive() for process in context.processes)
