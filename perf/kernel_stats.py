@@ -12,7 +12,9 @@ that ship with triton and reports:
   arguments, no amsgrad, float32 or bfloat16 params);
 * the SASS of one full tile (``_adam_block`` alone, in a small harness kernel): instructions
   per element on the hot path (the slow-path call sites of the IEEE division and square root
-  left out, 5 instructions each), barriers and warp shuffles per tile;
+  left out, 5 instructions each) without a grad scale, as bf16 and fp32 training run, and with
+  an AMP grad scale other than 1 (its division of the grad, skipped at run time for a unit
+  scale, is in the code of every quantised specialisation); barriers and warp shuffles per tile;
 * occupancy: programs and warps an SM holds (65536 registers, 64 warps, 32 programs,
   228 KB of shared memory), and the bytes of loads those programs have in flight at once
   (one tile each): by Little's law what bounds the bandwidth of a kernel that loads, computes
@@ -53,7 +55,7 @@ SLOW_PATH_PER_CALL = 5  # MOVs of the arguments, CALL, MOV of the result: run on
 @triton.jit
 def one_tile_kernel(param, grad, exp_avg, exp_avg_sq, exp_avg_scale, exp_avg_sq_scale, coef,
                     PARAM_DTYPE: tl.constexpr, QUANT: tl.constexpr, QUANT_BLOCK: tl.constexpr,
-                    TILE_SIZE: tl.constexpr):
+                    TILE_SIZE: tl.constexpr, HAS_GRAD_SCALE: tl.constexpr):
     """One full, aligned tile of the step per program: the code whose SASS is counted."""
     start = tl.program_id(0).to(tl.int64) * TILE_SIZE
     code_start = start // 2 if QUANT == moment_codes.QUANT_INT4 else start
@@ -66,7 +68,7 @@ def one_tile_kernel(param, grad, exp_avg, exp_avg_sq, exp_avg_scale, exp_avg_sq_
         tl.load(coef + 4), tl.load(coef + 5), tl.load(coef + 6), tl.load(coef + 7),
         tl.load(coef + 8), tl.load(coef + 9), tl.load(coef + 10), 0, 0, 0,
         exp_avg_scale + start // QUANT_BLOCK, exp_avg_sq_scale + start // QUANT_BLOCK,
-        exp_avg_sq_scale, TILE_SIZE, PARAM_DTYPE, tl.float32, False, True,
+        exp_avg_sq_scale, TILE_SIZE, PARAM_DTYPE, tl.float32, False, HAS_GRAD_SCALE,
         adam_step.MASTER_NONE, False, QUANT, QUANT_BLOCK, TILE_SIZE)
 
 
@@ -100,21 +102,28 @@ def tile_stats(param: str, quant: str, num_warps: int, tile: int, arch: int,
                  "exp_avg_sq": "*fp32" if quant == "none" else "*u8",
                  "exp_avg_scale": "*fp32", "exp_avg_sq_scale": "*fp32", "coef": "*fp32",
                  "PARAM_DTYPE": "constexpr", "QUANT": "constexpr", "QUANT_BLOCK": "constexpr",
-                 "TILE_SIZE": "constexpr"}
-    constexprs = {"PARAM_DTYPE": {"fp32": tl.float32, "bf16": tl.bfloat16}[param],
-                  "QUANT": QUANTS[quant], "QUANT_BLOCK": QUANT_BLOCKS[quant], "TILE_SIZE": tile}
-    compiled = triton.compile(
-        ASTSource(fn=one_tile_kernel, signature=signature, constexprs=constexprs),
-        target=GPUTarget("cuda", arch, 32),
-        options={"num_warps": num_warps, "enable_fp_fusion": False,
-                 **({"maxnreg": max_registers} if max_registers else {})})
-    ops = _opcodes(_sass(compiled.asm["cubin"], arch), "one_tile_kernel")
+                 "TILE_SIZE": "constexpr", "HAS_GRAD_SCALE": "constexpr"}
     per_thread = tile // (32 * num_warps)
-    hot = len(ops) - SLOW_PATH_PER_CALL * ops.count("CALL")
-    return {"instructions_per_element": round(hot / per_thread, 1),
-            "elements_per_thread": per_thread,
-            "barriers_per_tile": ops.count("BAR"), "shuffles_per_tile": ops.count("SHFL"),
-            "shared_accesses_per_tile": ops.count("STS") + ops.count("LDS")}
+    stats = {}
+    for has_grad_scale in (True, False):
+        constexprs = {"PARAM_DTYPE": {"fp32": tl.float32, "bf16": tl.bfloat16}[param],
+                      "QUANT": QUANTS[quant], "QUANT_BLOCK": QUANT_BLOCKS[quant],
+                      "TILE_SIZE": tile, "HAS_GRAD_SCALE": has_grad_scale}
+        compiled = triton.compile(
+            ASTSource(fn=one_tile_kernel, signature=signature, constexprs=constexprs),
+            target=GPUTarget("cuda", arch, 32),
+            options={"num_warps": num_warps, "enable_fp_fusion": False,
+                     **({"maxnreg": max_registers} if max_registers else {})})
+        ops = _opcodes(_sass(compiled.asm["cubin"], arch), "one_tile_kernel")
+        hot = round((len(ops) - SLOW_PATH_PER_CALL * ops.count("CALL")) / per_thread, 1)
+        if has_grad_scale:
+            stats["instructions_per_element_amp"] = hot
+        else:
+            stats.update({"instructions_per_element": hot, "elements_per_thread": per_thread,
+                          "barriers_per_tile": ops.count("BAR"),
+                          "shuffles_per_tile": ops.count("SHFL"),
+                          "shared_accesses_per_tile": ops.count("STS") + ops.count("LDS")})
+    return stats
 
 
 def kernel_stats(param: str, quant: str, num_warps: int, tile: int, arch: int,
@@ -156,9 +165,8 @@ def rows(target: str):
 
 COLUMNS = ["param", "state", "num_warps", "tile", "max_registers", "registers", "spill_bytes",
            "shared_bytes", "programs_per_sm", "warps_per_sm", "kb_in_flight_per_sm",
-           "elements_per_thread", "instructions_per_element", "barriers_per_tile",
-           "shuffles_per_tile",
-           "shared_accesses_per_tile"]
+           "elements_per_thread", "instructions_per_element", "instructions_per_element_amp",
+           "barriers_per_tile", "shuffles_per_tile", "shared_accesses_per_tile"]
 
 
 def main(argv=None) -> int:

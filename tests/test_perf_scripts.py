@@ -81,3 +81,5 @@ def test_kernel_stats_models_the_default_quantised_launch():
     assert stats["spill_bytes"] == 0 and 0 < stats["registers"] <= 80
     assert stats["elements_per_thread"] == 8 and stats["programs_per_sm"] >= 3
     assert 60 < stats["instructions_per_element"] < 200
+    # an AMP scale's division of the grad is code that a unit scale skips
+    assert stats["instructions_per_element"] < stats["instructions_per_element_amp"]
