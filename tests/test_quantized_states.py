@@ -6,11 +6,14 @@ import io
 import numpy as np
 import pytest
 import torch
+import triton
+import triton.language as tl
 
 import triton_adam
 from conftest import DEVICE_BACKENDS, backends_on
 from interpreter_faults import skip_if_fma_rounds_twice
 from triton_adam import _quantize
+from triton_adam.kernels import moment_codes
 
 FORMATS = list(_quantize.FORMATS)
 BLOCK = _quantize.QUANT_BLOCK  # int8's
@@ -83,6 +86,50 @@ def test_codes_match_a_numpy_reference_and_stay_within_their_error_bound(name, n
     finite = ~np.isnan(ref_root)
     assert np.isclose(decoded_root[finite], ref_root[finite], rtol=1e-6, atol=0).mean() > 0.99
     assert within_bound(decoded_root[finite], root[finite], sv[finite], name)
+
+
+@triton.jit
+def _unit_root_kernel(x_ptr, root_ptr, BLOCK: tl.constexpr):
+    offsets = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
+    tl.store(root_ptr + offsets, moment_codes._unit_root(tl.load(x_ptr + offsets)))
+
+
+def _float32_bits(value: float) -> int:
+    return np.float32(value).view(np.int32).item()
+
+
+def test_the_codes_branch_free_root_is_the_ieee_root_of_the_float32_it_takes():
+    """moment_codes._unit_root against the IEEE square root, bit for bit, for what the codes'
+    roots take: [2**-100, 2), and 2**-50 below it. On a GPU all 847,249,408 float32 there: the
+    check that its MUFU.RSQ sequence is ptxas's sqrt.rn. In the interpreter (40 s for all of
+    them, done when the function was written) the two lowest binades, where the residual goes
+    subnormal, the two highest, and 2**22 drawn from between: root and residual scale by 2 from
+    one pair of binades to the next, so a pair is a period of the arithmetic."""
+    skip_if_fma_rounds_twice(torch.float32)
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    floor, top = _float32_bits(2.0**-100), _float32_bits(2.0)
+    if device == "cuda":
+        spans = [(start, min(start + (1 << 24), top)) for start in range(floor, top, 1 << 24)]
+        block = 1024
+    else:
+        spans = [(floor, _float32_bits(2.0**-98)), (_float32_bits(0.5), top)]
+        block = 1 << 20  # the interpreter runs a program at a time: few, large ones
+    generator = torch.Generator().manual_seed(20261130)
+    batches = [torch.tensor([0.0, 1e-45, 2.0**-126, 2.0**-101, 7.8886e-31])]
+    batches += [torch.arange(a, b, dtype=torch.int32).view(torch.float32) for a, b in spans]
+    batches.append(torch.randint(floor, top, (1 << 22,), generator=generator,
+                                 dtype=torch.int32).view(torch.float32))
+    for x in batches:
+        x = x.to(device)
+        n = x.numel()
+        padded = torch.ones(-(-n // block) * block, device=device)
+        padded[:n] = x
+        root = torch.full_like(padded, float("nan"))  # poisoned: every lane must be written
+        _unit_root_kernel[(padded.numel() // block,)](padded, root, BLOCK=block)
+        # correctly rounded through float64 (torch's vectorised CPU float32 sqrt is not, always)
+        expected = torch.clamp(x, min=2.0**-100).double().sqrt().float()
+        mismatched = (root[:n].view(torch.int32) != expected.view(torch.int32)).sum().item()
+        assert mismatched == 0, f"{mismatched} of {n} roots differ, from {x[0].item()!r}"
 
 
 @pytest.mark.parametrize("name", FORMATS)
