@@ -279,8 +279,13 @@ class TritonBucket:
 
     def prepare(self, grads) -> None:
         """Point the grad table at this step's grads (an upload only if they moved)."""
+        self.prepare_pointers(np.fromiter(map(Tensor.data_ptr, grads), dtype=np.int64,
+                                          count=len(self.members)))
+
+    def prepare_pointers(self, ptrs: np.ndarray) -> None:
+        """Point the grad table at these grad addresses, in member order (an upload only if
+        they moved)."""
         n = len(self.members)
-        ptrs = np.fromiter((g.data_ptr() for g in grads), dtype=np.int64, count=n)
         ptrs[~self.nonempty] = 0  # an empty grad's address is never read
         if self.grad_ptrs is None or not np.array_equal(ptrs, self.grad_ptrs):
             if self.device.type == "cuda" and torch.cuda.is_current_stream_capturing() \
@@ -454,6 +459,8 @@ class StepPlan:
         self.members = [m for ms in members_by_key.values() for m in ms]
         self.grad_norm_runner = None
         self._state_checks = None
+        self.steady = None  # what the last fully checked step saw (see _steady_step)
+        self.member_devices = None
         # Every kernel this plan can launch is compiled now, before any launch: a compile
         # failure then leaves params, states and step counts untouched (see _warmup).
         compile_plan(self, optimizer)
@@ -490,12 +497,22 @@ class StepPlan:
 
     def run(self, optimizer, grads_by_group, grad_scale, found_inf):
         """Launch the step: check this step's grads, then (optionally) norm, then update."""
-        compile_plan(self, optimizer)  # only if max_grad_norm / skip_nonfinite were switched
-        groups = optimizer.param_groups
-        bucket_grads = [_gather_grads(b, grads_by_group)
-                        for b in self.triton_buckets + self.torch_buckets]
+        bucket_grads = self.gather_grads(grads_by_group)
         for bucket, grads in zip(self.triton_buckets, bucket_grads):
             bucket.prepare(grads)
+        self.launch(optimizer, bucket_grads, grad_scale, found_inf)
+        return bucket_grads
+
+    def gather_grads(self, grads_by_group) -> list:
+        """Each bucket's grads for the kernels (triton buckets first), every one checked."""
+        return [_gather_grads(b, grads_by_group)
+                for b in self.triton_buckets + self.torch_buckets]
+
+    def launch(self, optimizer, bucket_grads, grad_scale, found_inf):
+        """Norm (optionally), then update, with the grad tables already pointing at
+        ``bucket_grads`` (the torch buckets' grads are read from there)."""
+        compile_plan(self, optimizer)  # only if max_grad_norm / skip_nonfinite were switched
+        groups = optimizer.param_groups
         max_grad_norm, skip_nonfinite = optimizer.max_grad_norm, optimizer.skip_nonfinite
         grad_norm = None
         if max_grad_norm is not None or skip_nonfinite:
@@ -527,7 +544,9 @@ class StepPlan:
 
     def _grad_norm(self, bucket_grads, grad_scale, found_inf, check_nonfinite):
         """Global grad 2-norm (of the unscaled grads) and non-finite flag, on the device."""
-        devices = {m.param.device for m in self.members}
+        if self.member_devices is None:  # fixed for the plan: not walked at every step
+            self.member_devices = {m.param.device for m in self.members}
+        devices = self.member_devices
         if len(devices) > 1:
             raise ValueError("max_grad_norm / skip_nonfinite need every param with a grad on one "
                              f"device; this step has params on {sorted(map(str, devices))}")

@@ -7,6 +7,8 @@ from torch import Tensor
 from . import _compile, _distributed, _precision, _quantize, _validation
 from ._distributed import local
 from ._plan import GradDtypeChanged, StepPlan, interpreter_enabled, state_key_names
+from ._steady_step import SteadyStep, group_flags
+from ._tracked_state import TrackedStateTable, tracked
 
 BACKENDS = ("auto", "triton", "torch")
 
@@ -146,6 +148,7 @@ class _FusedAdamBase(torch.optim.Optimizer):
                         min_quantized_numel=min_quantized_numel,
                         quant_block_size=quant_block_size)
         super().__init__(params, defaults)
+        self.state = TrackedStateTable(self.state)  # see _tracked_state
         # GradScaler hands us grad_scale/found_inf instead of unscaling and syncing itself.
         self._step_supports_amp_scaling = True
 
@@ -177,6 +180,7 @@ class _FusedAdamBase(torch.optim.Optimizer):
 
     def __setstate__(self, state: dict) -> None:
         super().__setstate__(state)
+        self.state = TrackedStateTable(self.state)  # see _tracked_state
         self.__dict__.setdefault("backend", "auto")
         self.__dict__.setdefault("_layout_version", 0)
         self.__dict__.setdefault("_captured_plans", [])
@@ -228,6 +232,10 @@ class _FusedAdamBase(torch.optim.Optimizer):
                 a param not laid out row-major has its moments written dense.
         """
         saved = super().state_dict()
+        # plain dicts, as torch's (ours count their changes, see _tracked_state; a checkpoint
+        # must load with torch.load(weights_only=True) anywhere)
+        saved["state"] = {key: dict(value) if isinstance(value, dict) else value
+                          for key, value in saved["state"].items()}
         params = [p for group in self.param_groups for p in group["params"]]
         for index, state in saved["state"].items():
             if _quantize.is_quantized(state) and not (
@@ -331,13 +339,8 @@ class _FusedAdamBase(torch.optim.Optimizer):
         # local addresses: a DTensor's data_ptr() is 0, its local shard's is where it lives (and
         # moves when FSDP2 or a checkpoint load swaps the shard)
         return (self._layout_version, tuple(
-            (bool(group["amsgrad"]), bool(group["maximize"]),
-             bool(group.get("decoupled_weight_decay", False)), group.get("state_dtype"),
-             group.get("master_weights", False), bool(group.get("kahan_summation", False)),
-             bool(group.get("stochastic_rounding", False)),
-             group.get("min_quantized_numel"), group.get("quant_block_size"),
-             tuple(local(p).data_ptr() if g is not None else -1
-                   for p, g in zip(group["params"], grads)))
+            (group_flags(group), tuple(local(p).data_ptr() if g is not None else -1
+                                       for p, g in zip(group["params"], grads)))
             for group, grads in zip(self.param_groups, grads_by_group)))
 
     def _build_plan(self, grads_by_group, signature) -> StepPlan:
@@ -358,6 +361,7 @@ class _FusedAdamBase(torch.optim.Optimizer):
                     continue
                 state = self.state.get(param)
                 prepared, rewrite = prepared_state(gi, pi, param, group, state)
+                prepared = tracked(prepared)  # its changes count (see _tracked_state)
                 if prepared is not state:
                     new_states[param] = prepared
                 if rewrite is not None:
@@ -384,6 +388,35 @@ class _FusedAdamBase(torch.optim.Optimizer):
         if closure is not None:
             with torch.enable_grad():
                 loss = closure()
+        steady = self._plan.steady if self._plan is not None else None
+        gathered = steady.bucket_grads(self) if steady is not None else None
+        if gathered is None:
+            self._checked_step()
+        else:
+            self._steady_step(steady, *gathered)
+        return loss
+
+    def _steady_step(self, steady, bucket_grads, moved_ptrs) -> None:
+        """Launch with the plan as it is: ``steady`` confirmed that nothing but the grads'
+        contents (and perhaps their objects and addresses) changed since a checked step."""
+        if steady.no_grad_positions:
+            # every step with a missing grad, as on the checked path
+            _validation.check_reachable(
+                self, [[p.grad for p in group["params"]] for group in self.param_groups])
+        capturing = self._check_graph_capture(needs_new_plan=False)
+        if capturing and self._plan not in self._captured_plans:
+            self._captured_plans.append(self._plan)
+        try:
+            steady.point_buckets(self._plan, moved_ptrs)
+            self._plan.launch(self, bucket_grads, getattr(self, "grad_scale", None),
+                              getattr(self, "found_inf", None))
+        except BaseException:
+            self._plan = None
+            raise
+
+    def _checked_step(self) -> None:
+        """The step with every check: the plan rebuilt if anything it depends on changed,
+        every grad validated; then what it saw is recorded for the steady steps after it."""
         grads_by_group = [[p.grad for p in group["params"]] for group in self.param_groups]
         if any(g is None for grads in grads_by_group for g in grads):
             # at every step with a missing grad, not only when the tables change: a model
@@ -401,23 +434,22 @@ class _FusedAdamBase(torch.optim.Optimizer):
             # A captured graph replays with this plan's device tables: keep them alive even if
             # a later eager step builds new ones.
             self._captured_plans.append(self._plan)
+        grad_scale, found_inf = getattr(self, "grad_scale", None), getattr(self, "found_inf", None)
         try:
             try:
-                self._plan.run(self, grads_by_group, getattr(self, "grad_scale", None),
-                               getattr(self, "found_inf", None))
+                bucket_grads = self._plan.run(self, grads_by_group, grad_scale, found_inf)
             except GradDtypeChanged:
                 # float32 grads of 16-bit params where there were 16-bit ones (or back): the
                 # kernels specialise on the grad dtype; nothing was launched yet
                 self._check_graph_capture(needs_new_plan=True)
                 self._plan = self._build_plan(grads_by_group, signature)
-                self._plan.run(self, grads_by_group, getattr(self, "grad_scale", None),
-                               getattr(self, "found_inf", None))
+                bucket_grads = self._plan.run(self, grads_by_group, grad_scale, found_inf)
         except BaseException:
             # a refused step (a bad grad, a failed collective) leaves no half-prepared plan:
             # the next step checks everything again
             self._plan = None
             raise
-        return loss
+        self._plan.steady = SteadyStep(self, self._plan, bucket_grads)
 
 
 # triton-adam's own group options (beyond torch.optim.Adam/AdamW's)
@@ -567,6 +599,7 @@ class AdamW(_FusedAdamBase):
 
     def __setstate__(self, state: dict) -> None:
         super().__setstate__(state)
+        self.state = TrackedStateTable(self.state)  # see _tracked_state
         for group in self.param_groups:
             group["decoupled_weight_decay"] = True
 

@@ -1,0 +1,231 @@
+"""The steady-state step: everything a plan depends on, confirmed in a few whole-list passes.
+
+Once a step has been fully checked (``StepPlan`` built or reused, every grad gathered through
+``_plan._gather_grads``), the next steps of a training loop usually differ from it only in the
+grads' contents, and often in the grads' objects and addresses (``zero_grad(set_to_none=True)``).
+``SteadyStep`` records what that step saw, as flat lists, and at the next step compares:
+
+* the param groups' lists and flags, and every param's (local) address;
+* that no state dict changed (``_tracked_state.EPOCH``: O(1), whatever the number of tensors);
+* the grads: the same objects as last step (weak references, so a freed grad is never kept
+  alive) at the same addresses; or, for new grad objects, the same dtypes, strides, element
+  counts and devices as the checked ones (one C-level pass each, ``map`` over the list).
+
+Each comparison is one pass over a list in C (``list(map(...))`` and ``==`` on lists of ints
+and interned objects), never a Python call per tensor. Anything that differs sends the step to
+the fully checked path (``optimizer._slow_step``), which raises the clear errors, redistributes,
+copies or rebuilds as before; so a steady step can only be faster, never less checked in what
+it launches with. What is not compared is what torch itself pins for the lifetime of a grad
+object (a grad's size, dtype and device are checked by the ``.grad`` setter and by autograd
+when it is assigned; a grad object validated once is re-checked in full when its address
+changes, which is how ``.data =`` swaps show).
+"""
+from __future__ import annotations
+
+import weakref
+from itertools import chain
+from operator import attrgetter, is_
+
+import numpy as np
+import torch
+from torch import Tensor
+
+from . import _distributed
+from ._tracked_state import EPOCH
+
+_GRAD = attrgetter("grad")
+_LOCAL = attrgetter("_local_tensor")
+_SPEC = attrgetter("_spec")
+_DTYPE = attrgetter("dtype")
+_DEREF = weakref.ref.__call__
+
+
+def _dead_ref():
+    """A weak reference whose referent is gone: it returns None, like a missing grad."""
+    class Gone:
+        pass
+    return weakref.ref(Gone())
+
+
+_NO_GRAD = _dead_ref()
+# while the grads are new objects at every step, how often to take references to them anew
+REFERENCE_EVERY = 16
+
+
+def group_flags(group: dict) -> tuple:
+    """The options of a param group that decide how its params are laid into launches."""
+    return (bool(group["amsgrad"]), bool(group["maximize"]),
+            bool(group.get("decoupled_weight_decay", False)), group.get("state_dtype"),
+            group.get("master_weights", False), bool(group.get("kahan_summation", False)),
+            bool(group.get("stochastic_rounding", False)),
+            group.get("min_quantized_numel"), group.get("quant_block_size"),
+            bool(group.get("differentiable", False)))
+
+
+def _grad_refs(grads, any_missing: bool) -> list:
+    """Weak references to the grads (a dead one where a grad is None)."""
+    if not any_missing:
+        return list(map(weakref.ref, grads))
+    return [_NO_GRAD if grad is None else weakref.ref(grad) for grad in grads]
+
+
+def _metadata(grads) -> tuple:
+    """Every property of the grads the kernels rely on, one C-level pass each (for a grad
+    object whose memory was swapped: ``.data =`` escapes the ``.grad`` setter's checks)."""
+    return (list(map(_DTYPE, grads)), list(map(Tensor.stride, grads)),
+            list(map(Tensor.numel, grads)), list(map(Tensor.get_device, grads)))
+
+
+def _new_grad_metadata(grads, strided) -> tuple:
+    """What may differ between a new grad object and the one checked before it: its dtype
+    (a param's ``grad_dtype`` may change) and its memory layout (autograd's strides follow the
+    computation). Size and device were checked by torch when the grad was assigned. Bools,
+    not stride tuples, for the contiguous ones: no allocation per tensor."""
+    return (list(map(_DTYPE, grads)), list(map(Tensor.is_contiguous, grads)),
+            [grads[i].stride() for i in strided])
+
+
+class SteadyStep:
+    """What a fully checked step saw, and the whole-list comparisons that confirm it."""
+
+    def __init__(self, optimizer, plan, bucket_grads):
+        groups = optimizer.param_groups
+        self.groups = groups
+        self.param_lists = [group["params"] for group in groups]
+        self.flags = [group_flags(group) for group in groups]
+        flat = list(chain.from_iterable(self.param_lists))
+        self.n_params = len(flat)
+        self.sharded = any(map(_distributed.is_dtensor, flat))
+        self.param_ptrs = list(map(Tensor.data_ptr, self._locals(flat)))
+        self.state_table = optimizer.state
+        self.epoch = EPOCH[0]
+
+        first = np.cumsum([0] + [len(params) for params in self.param_lists])
+        buckets = plan.triton_buckets + plan.torch_buckets
+        members = [m for bucket in buckets for m in bucket.members]
+        positions = [int(first[m.group_index]) + m.position for m in members]
+        self.in_flat_order = positions == list(range(self.n_params))
+        self.positions = positions
+        self.take = (None if self.in_flat_order
+                     else (lambda grads, index=positions: list(map(grads.__getitem__, index))))
+        self.no_grad_positions = sorted(set(range(self.n_params)) - set(positions))
+        self.n_triton = len(plan.triton_buckets)
+        bounds = np.cumsum([0] + [len(bucket.members) for bucket in buckets])
+        self.bounds = [(int(a), int(b)) for a, b in zip(bounds[:-1], bounds[1:])]
+        # complex grads may arrive as lazy conjugates, which the checked path resolves
+        self.complex_members = [i for i, m in enumerate(members) if m.dtype.is_complex]
+        if self.sharded:
+            self.param_specs = [getattr(m.param, "_spec", None) for m in members]
+
+        grads = list(map(_GRAD, flat))
+        member_grads = self._members(grads)
+        self.grad_refs = _grad_refs(grads, bool(self.no_grad_positions))
+        self.new_grad_steps = 0
+        shards = self._grad_shards(member_grads)
+        # grads to redistribute (or plain and DTensor params mixed): always the checked path
+        self.usable = shards is not None
+        if not self.usable:
+            return
+        self.grad_ptrs = list(map(Tensor.data_ptr, shards))
+        self.metadata = _metadata(shards)
+        # where a grad's contiguity does not pin its layout: compare its strides
+        self.strided = [i for i, (m, shard) in enumerate(zip(members, shards))
+                        if not (m.flat_param.is_contiguous() and shard.is_contiguous())]
+        self.new_grad_metadata = _new_grad_metadata(shards, self.strided)
+        # grads laid out unlike their params are copied at every step, as the checked path does
+        kernel = [g for grads in bucket_grads for g in grads]
+        self.copied = [i for i, (shard, used) in enumerate(zip(shards, kernel))
+                       if used is not shard]
+        self.members = members
+
+    def _locals(self, tensors):
+        if not self.sharded:
+            return tensors
+        return list(map(_distributed.local, tensors))
+
+    def _members(self, grads):
+        return grads if self.take is None else self.take(grads)
+
+    def _grad_shards(self, member_grads):
+        """The grads' local shards (the grads themselves unless sharded), or None when a grad
+        has other placements than its param's (redistributed on the checked path)."""
+        if not self.sharded:
+            return member_grads
+        try:
+            specs = list(map(_SPEC, member_grads))
+        except AttributeError:
+            return None  # a plain grad (or param) among DTensors
+        if not all(map(is_, specs, self.param_specs)) and not all(
+                spec.mesh is own.mesh and spec.placements == own.placements
+                for spec, own in zip(specs, self.param_specs)):
+            return None
+        return list(map(_LOCAL, member_grads))
+
+    def bucket_grads(self, optimizer):
+        """This step's grads per bucket (triton buckets first) and their addresses in member
+        order (None: unchanged since the last step), or None when anything differs from the
+        checked step: the caller then takes the fully checked path."""
+        groups = optimizer.param_groups
+        if (not self.usable or groups is not self.groups or len(groups) != len(self.param_lists)
+                or optimizer.state is not self.state_table or EPOCH[0] != self.epoch):
+            return None
+        for group, params, flags in zip(groups, self.param_lists, self.flags):
+            if group["params"] is not params or group_flags(group) != flags:
+                return None
+        flat = list(chain.from_iterable(self.param_lists))
+        if len(flat) != self.n_params:
+            return None
+        grads = list(map(_GRAD, flat))
+        same_objects = all(map(is_, map(_DEREF, self.grad_refs), grads))
+        if list(map(Tensor.data_ptr, self._locals(flat))) != self.param_ptrs:
+            return None  # a param moved (.data =, .to(), a resharded DTensor)
+        if not same_objects and self.no_grad_positions and list(
+                map(grads.__getitem__, self.no_grad_positions)).count(None) != len(
+                self.no_grad_positions):
+            return None  # a param without a grad has one now
+        member_grads = self._members(grads)
+        try:
+            shards = self._grad_shards(member_grads)
+            if shards is None:
+                return None
+            ptrs = list(map(Tensor.data_ptr, shards))
+        except (TypeError, RuntimeError):
+            return None  # a grad went missing (None), or has no storage (sparse)
+        moved = ptrs != self.grad_ptrs
+        if not same_objects:
+            if _new_grad_metadata(shards, self.strided) != self.new_grad_metadata:
+                return None
+            # new grad objects at every step (zero_grad(set_to_none=True)) are the usual
+            # case: referencing each new set costs an allocation per grad, so only every
+            # REFERENCE_EVERY steps look again for grads that stay (set_to_none=False)
+            self.new_grad_steps += 1
+            if self.new_grad_steps % REFERENCE_EVERY == 0:
+                self.grad_refs = _grad_refs(grads, bool(self.no_grad_positions))
+        elif moved and _metadata(shards) != self.metadata:
+            return None
+        self.grad_ptrs = ptrs
+        if self.complex_members and any(map(Tensor.is_conj, map(
+                shards.__getitem__, self.complex_members))):
+            return None
+        kernel_grads = shards
+        if self.copied:
+            kernel_grads = list(shards)
+            for i in self.copied:
+                member = self.members[i]
+                copy = torch.empty_like(member.flat_param if not member.dtype.is_complex
+                                        else _distributed.local(member.param),
+                                        dtype=shards[i].dtype)
+                kernel_grads[i] = copy.copy_(shards[i])
+            moved = True
+            ptrs = list(map(Tensor.data_ptr, kernel_grads))
+        per_bucket = [kernel_grads[a:b] for a, b in self.bounds] if len(self.bounds) > 1 \
+            else [kernel_grads]
+        return per_bucket, (ptrs if moved else None)
+
+    def point_buckets(self, plan, ptrs) -> None:
+        """Upload the moved grad addresses into each triton bucket's grad table."""
+        if ptrs is None:
+            return
+        ptrs = np.array(ptrs, dtype=np.int64)
+        for bucket, (a, b) in zip(plan.triton_buckets, self.bounds[:self.n_triton]):
+            bucket.prepare_pointers(ptrs[a:b])
