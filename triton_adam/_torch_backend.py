@@ -197,6 +197,32 @@ def precision_of(member):
     return member.precision or _precision.Precision(member.dtype)
 
 
+# torch >= 2.5 (and some 2.4 builds) accumulate a foreach norm in a given dtype
+_FOREACH_NORM_TAKES_DTYPE = "dtype" in str(torch.ops.aten._foreach_norm.Scalar._schema)
+
+
+def _float32_norms(tensors, norm_type, device) -> Tensor:
+    """Each tensor's ``norm_type``-norm as a float32 ``[len(tensors)]`` tensor on ``device``,
+    accumulated in float32 (float64 tensors in float64), as the Triton reduction does.
+
+    A norm in a 16-bit grad's own dtype is rounded to 8 or 11 bits (bfloat16's was ~1e-3 off)
+    and overflows float16 past 65504, which a GradScaler's scaled grads reach at an unscaled
+    norm of ~1 (an inf norm clipped the update to nothing).
+    """
+    wide = [t.dtype == torch.float64 for t in tensors]
+    narrow = [t for t, w in zip(tensors, wide) if not w]
+    if narrow and _FOREACH_NORM_TAKES_DTYPE:
+        narrow = torch._foreach_norm(narrow, norm_type, dtype=torch.float32)
+    elif narrow:
+        narrow = torch._foreach_norm([t.float() for t in narrow], norm_type)
+    doubles = [t for t, w in zip(tensors, wide) if w]
+    doubles = torch._foreach_norm(doubles, norm_type) if doubles else []
+    narrow, doubles = iter(narrow), iter(doubles)
+    return torch.stack([(next(doubles) if w else next(narrow)).to(device=device,
+                                                                  dtype=torch.float32)
+                        for w in wide])
+
+
 def grad_norm_and_nonfinite(grads, grad_scale, found_inf, device, check_nonfinite=True):
     """Global 2-norm of ``grads`` (unscaled by ``grad_scale``) and a non-finite flag, with torch.
 
@@ -209,9 +235,7 @@ def grad_norm_and_nonfinite(grads, grad_scale, found_inf, device, check_nonfinit
         norm = torch.zeros((), dtype=torch.float32, device=device)
     else:
         flat = [_flat(g) for g in grads]
-        norms = torch._foreach_norm([g.float() if g.dtype == torch.float64 else g for g in flat], 2)
-        norm = torch.linalg.vector_norm(
-            torch.stack([n.to(device=device, dtype=torch.float32) for n in norms]), 2)
+        norm = torch.linalg.vector_norm(_float32_norms(flat, 2.0, device), 2)
         if check_nonfinite:
             flag = torch.stack([(~torch.isfinite(g)).any().to(device) for g in flat]).any()
             flag = flag.to(torch.float32)
@@ -231,9 +255,7 @@ def segment_totals(grads, segments, n_segments, device, check_nonfinite=True, no
     flag = torch.zeros((), dtype=torch.float32, device=device)
     if grads:
         flat = [_flat(g) for g in grads]
-        norms = torch._foreach_norm([g.float() if g.dtype == torch.float64 else g for g in flat],
-                                    norm_type)
-        norms = torch.stack([n.to(device=device, dtype=torch.float32) for n in norms])
+        norms = _float32_norms(flat, norm_type, device)
         if norm_type == float("inf"):
             totals.scatter_reduce_(0, segments, norms, "amax")
         else:
