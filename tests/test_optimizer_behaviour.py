@@ -296,3 +296,27 @@ def test_params_only_the_optimizer_holds(device, backend):
     with pytest.raises(RuntimeError, match="replaced by another Parameter object"):
         opt.step()
     torch.testing.assert_close(model.weight.detach(), weight_before)
+
+
+@pytest.mark.parametrize("device,backend", DEVICE_BACKENDS)
+@pytest.mark.parametrize("state_dtype", [None, "int8"], ids=["dense", "int8"])
+def test_state_entries_that_are_not_params_are_kept_like_torch(device, backend, state_dtype):
+    """torch's own tests put ``optimizer.state["test"] = 1`` from a state_dict pre-hook: the
+    entry is returned as it is, loads back, and the steps go on around it."""
+    params = [torch.nn.Parameter(torch.randn(5000, device=device)) for _ in range(2)]
+    opt = triton_adam.AdamW(params, lr=1e-2, backend=backend, state_dtype=state_dtype)
+    for p in params:
+        p.grad = torch.randn_like(p)
+    opt.step()
+    opt.register_state_dict_pre_hook(lambda optimizer: optimizer.state.update(test=1))
+    saved = opt.state_dict()
+    assert saved["state"]["test"] == 1 and set(saved["state"]) == {0, 1, "test"}
+    assert opt.state_bytes() > 0
+    opt.step()
+    again = triton_adam.AdamW([torch.nn.Parameter(p.detach().clone()) for p in params],
+                              lr=1e-2, backend=backend, state_dtype=state_dtype)
+    again.load_state_dict(saved)
+    assert again.state["test"] == 1
+    reference = torch.optim.AdamW([torch.nn.Parameter(p.detach().clone()) for p in params])
+    reference.load_state_dict(saved)
+    assert reference.state["test"] == 1

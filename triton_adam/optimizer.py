@@ -208,6 +208,8 @@ class _FusedAdamBase(torch.optim.Optimizer):
         """
         held = {}
         for param, state in self.state.items():
+            if not isinstance(param, Tensor) or not isinstance(state, dict):
+                continue  # an entry that is not a param's
             held[param] = sum(local(t).numel() * local(t).element_size()
                               for t in state.values() if isinstance(t, Tensor) and t.dim() > 0)
         return held if per_param else sum(held.values())
@@ -230,6 +232,8 @@ class _FusedAdamBase(torch.optim.Optimizer):
         saved = super().state_dict()
         params = [p for group in self.param_groups for p in group["params"]]
         for index, state in saved["state"].items():
+            if not isinstance(index, int) or not isinstance(state, dict):
+                continue  # an entry that is not a param's (torch returns it as it is)
             if _quantize.is_quantized(state) and not (
                     compact and _quantize.portable_codes(params[index], state)):
                 # quantised moments: dense float32 ones, torch's form
@@ -274,7 +278,9 @@ class _FusedAdamBase(torch.optim.Optimizer):
             by_id = dict(zip((i for g in state_dict["param_groups"] for i in g["params"]),
                              (p for g in self.param_groups for p in g["params"])))
             for (key, name), value in kept.items():
-                param = by_id[key]
+                param = by_id.get(key)
+                if param is None:  # an entry that is not a param's, kept as torch keeps it
+                    continue
                 if self.state[param][name].dtype != value.dtype:  # torch's cast changed it
                     self.state[param][name] = value.detach().to(device=param.device).clone()
             for param in by_id.values():
