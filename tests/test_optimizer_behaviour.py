@@ -320,3 +320,24 @@ def test_state_entries_that_are_not_params_are_kept_like_torch(device, backend, 
     reference = torch.optim.AdamW([torch.nn.Parameter(p.detach().clone()) for p in params])
     reference.load_state_dict(saved)
     assert reference.state["test"] == 1
+
+
+@pytest.mark.parametrize("device,backend", DEVICE_BACKENDS)
+def test_a_plain_number_step_loads_like_torch(device, backend):
+    """Old checkpoints hold ``step`` as a plain number: torch turns 3.0 into tensor(4.) at the
+    next step; so do we (on a CPU param the new tensor was built, then dropped)."""
+    model, twin = make_model(device), make_model(device)
+    ours = triton_adam.AdamW(model.parameters(), lr=1e-2, backend=backend)
+    theirs = torch.optim.AdamW(twin.parameters(), lr=1e-2, foreach=False)
+    for net, opt in ((model, ours), (twin, theirs)):
+        train(net, opt, 3)
+        saved = copy.deepcopy(opt.state_dict())
+        for state in saved["state"].values():
+            state["step"] = float(state["step"])
+        opt.load_state_dict(saved)
+        train(net, opt, 2, first_seed=3)
+    assert_same_params(model, twin, rtol=1e-5, atol=1e-6)
+    for p, q in zip(model.parameters(), twin.parameters()):
+        step = ours.state[p]["step"]
+        assert step.dtype == torch.float32 and step.dim() == 0 and step.device == p.device
+        assert step.item() == theirs.state[q]["step"].item() == 5.0

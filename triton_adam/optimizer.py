@@ -305,7 +305,8 @@ class _FusedAdamBase(torch.optim.Optimizer):
                     continue
                 step = state["step"]
                 if not isinstance(step, Tensor):
-                    step = torch.tensor(float(step))
+                    # stored even where its dtype, device and shape already fit (a CPU param)
+                    step = state["step"] = torch.tensor(float(step), dtype=torch.float32)
                 if _distributed.is_dtensor(step):
                     # a step that went through distribute_tensor (a resharded checkpoint):
                     # the kernels read it by address, and a DTensor has none
