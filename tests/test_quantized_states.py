@@ -753,3 +753,34 @@ def test_a_checkpoint_of_another_param_is_refused_naming_it(compact, state_dtype
         opt.step()
     assert torch.equal(q, before)
     assert all(opt.state[q][key] is value for key, value in loaded.items())
+
+
+@pytest.mark.parametrize("options,compact", [
+    (dict(state_dtype="int8"), False),
+    (dict(state_dtype="int8", master_weights=True), False),
+    (dict(state_dtype="int8", kahan_summation=True), False),
+    (dict(state_dtype="int8", master_weights="compact"), True),
+    (dict(state_dtype=None, master_weights="compact"), False)],
+    ids=["int8", "int8-master", "int8-kahan", "int8-compact-master-compact-dict",
+         "compact-master"])
+@pytest.mark.parametrize("device,backend", DEVICE_BACKENDS)
+def test_a_state_dict_kept_while_training_goes_on_stays_one_snapshot(device, backend, options,
+                                                                     compact):
+    """Each state of a dict kept while the optimizer steps on is the state of one step: the
+    live one (torch's dict holds the live states) or, where the dict holds it in another form
+    (decoded moments, a dense master), a copy of all of it (the live step count beside moments
+    of an earlier step was saved as a state that never existed)."""
+    dtype = torch.float32 if set(options) == {"state_dtype"} else torch.bfloat16
+    params, opt = run(backend, device, steps=2, dtype=dtype, **options)
+    held = opt.state_dict(compact=compact)
+    then = copy.deepcopy(held)
+    _continue(params, opt, seed=5, steps=2)
+    copies = 0
+    for index, state in then["state"].items():
+        if held["state"][index] is opt.state[params[index]]:
+            continue
+        copies += 1
+        assert set(held["state"][index]) == set(state)
+        for key, value in state.items():
+            assert torch.equal(held["state"][index][key], value), (index, key)
+    assert copies > 0

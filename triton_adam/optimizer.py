@@ -231,18 +231,20 @@ class _FusedAdamBase(torch.optim.Optimizer):
         """
         saved = super().state_dict()
         params = [p for group in self.param_groups for p in group["params"]]
-        for index, state in saved["state"].items():
-            if not isinstance(index, int) or not isinstance(state, dict):
+        for index, live in saved["state"].items():
+            if not isinstance(index, int) or not isinstance(live, dict):
                 continue  # an entry that is not a param's (torch returns it as it is)
+            state = live
             if _quantize.is_quantized(state) and not (
                     compact and _quantize.portable_codes(params[index], state)):
                 # quantised moments: dense float32 ones, torch's form
-                state = saved["state"][index] = _quantize.convert(params[index].detach(), state,
-                                                                  quantize=False)
+                state = _quantize.convert(params[index].detach(), state, quantize=False)
             if "master_remainder" in state:
                 master = _precision.dense_master(params[index], state)
-                saved["state"][index] = {**{k: v for k, v in state.items()
-                                            if k != "master_remainder"}, "master_param": master}
+                state = {**{k: v for k, v in state.items() if k != "master_remainder"},
+                         "master_param": master}
+            if state is not live:
+                saved["state"][index] = _snapshot(state, live)
         return saved
 
     def load_state_dict(self, state_dict: dict) -> None:
@@ -435,6 +437,19 @@ _OPTIONS = ("eps_mode", "bias_correction", "weight_decay_mode", "state_dtype", "
 # converted to them rather than overriding them
 _STORAGE_OPTIONS = ("state_dtype", "master_weights", "kahan_summation", "stochastic_rounding",
                     "min_quantized_numel", "quant_block_size")
+
+
+def _snapshot(state: dict, live: dict) -> dict:
+    """``state`` (a form of the ``live`` state, some of its tensors new copies: decoded
+    moments, a dense master) with the tensors it shares with ``live`` copied too.
+
+    torch's state dict holds the live states: kept while training goes on, it follows them.
+    One that holds a copy of some tensors must copy them all, or a dict kept for later holds
+    the step count (or master) of a later step beside the moments of this one.
+    """
+    shared = {id(value) for value in live.values() if isinstance(value, Tensor)}
+    return {key: value.clone() if id(value) in shared else value
+            for key, value in state.items()}
 
 
 def _initial_state(param: Tensor, amsgrad: bool, precision) -> dict:
