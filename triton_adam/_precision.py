@@ -220,9 +220,13 @@ def rounds_to(master: Tensor, param: Tensor) -> Tensor:
 def value_of(param: Tensor, state: dict) -> Tensor:
     """The float32 value ``state`` keeps for local ``param`` (either extra form), or the
     param's own (always a new tensor); a param written from outside since the extra was
-    written wins, as in the kernels."""
+    written wins, as in the kernels. Only a 16-bit param's state describes its value."""
     param = param.detach()
     value = param.to(torch.float32, copy=True)
+    if param.dtype not in SIXTEEN_BIT:
+        # a 16-bit run's master, remainder or compensation loaded for a float32 param (a run
+        # resumed in float32): the param is its own value, as torch.optim, which ignores them
+        return value
     master = state.get("master_param")
     if master is not None:
         master = local(master)
