@@ -11,7 +11,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from . import _precision, _quantize
+from . import _precision, _quantize, _validation
 
 
 def _flat(tensor: Tensor) -> Tensor:
@@ -43,6 +43,10 @@ class TorchBucket:
         # moments held in another dtype than the params: torch's CPU fused kernel refuses that,
         # so these go through the float32 math, the Triton kernel's arithmetic
         self.mixed_state = any(m.state["exp_avg"].dtype != m.param.dtype for m in members)
+        # views with gaps between their elements: torch's fused CPU kernel walks a param as
+        # one run of memory beside its (dense) moments, and steps them wrong (torch 2.13:
+        # 6e-3 off its own foreach=False in 3 steps), so these take the float32 math too
+        self.dense = all(_validation.is_dense(p) for p in self.params)
         # the float32 master, remainder or compensation stepped with each param (all members
         # of a bucket keep the same kind, or none), and stochastic rounding's stream keys
         precision = members[0].precision
@@ -57,7 +61,7 @@ class TorchBucket:
         default_formulas = (group.get("eps_mode", "torch") == "torch"
                             and group.get("bias_correction", True)
                             and group.get("weight_decay_mode", "torch") == "torch"
-                            and not self.mixed_state and not self.extra
+                            and not self.mixed_state and not self.extra and self.dense
                             and not self.stochastic
                             and grads[0].dtype == self.params[0].dtype)
         if default_formulas:
