@@ -128,3 +128,20 @@ def test_zero_element_and_gradless_params_just_work(device, backend):
     opt.step()
     assert opt.state[empty]["step"].item() == 1
     assert idle not in opt.state
+
+
+@pytest.mark.parametrize("backend", ["auto", "torch", "triton"])
+def test_meta_params_are_accepted_then_refused_at_step(backend):
+    """torch.optim builds over meta params; so do we. A step over them says what is wrong
+    (they have no memory; it said "share memory": every meta tensor reports address 0)."""
+    with torch.device("meta"):
+        model = torch.nn.Linear(4, 3)
+    torch.optim.AdamW(model.parameters())
+    opt = triton_adam.AdamW(model.parameters(), lr=1e-2, backend=backend)
+    for p in model.parameters():
+        p.grad = torch.ones_like(p)
+    with pytest.raises(RuntimeError, match=r"param 0 of group 0 \(shape \(3, 4\).*meta device"):
+        opt.step()
+    assert not opt.state
+    opt.zero_grad()
+    opt.step()  # without grads there is nothing to step, as in torch

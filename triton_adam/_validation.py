@@ -138,7 +138,15 @@ def check_param(group_index: int, position: int, param: Tensor) -> None:
 
 
 def check_grad(group_index: int, position: int, param: Tensor, grad: Tensor) -> None:
-    """Raise if ``grad`` cannot be the gradient of ``param`` (sparse, dtype, shape, device)."""
+    """Raise if ``grad`` cannot be the gradient of ``param`` (sparse, dtype, shape, device),
+    or ``param`` has no memory to step (the meta device, which the optimizer's construction
+    accepts, as torch's does)."""
+    if param.device.type == "meta":
+        raise RuntimeError(
+            f"{describe(group_index, position, param)} is on the meta device: it has no memory "
+            "for the step to update. Materialise the model first (e.g. "
+            "model.to_empty(device=...), which gives it new params, then initialise them) and "
+            "build the optimizer on its params")
     if grad.is_sparse:
         raise RuntimeError("Adam does not support sparse gradients, please consider SparseAdam "
                            f"instead ({describe(group_index, position, param)} has a sparse grad)")
