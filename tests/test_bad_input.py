@@ -24,6 +24,18 @@ def test_invalid_hyperparameters(cls, kwargs, match):
         getattr(triton_adam, cls)([torch.nn.Parameter(torch.randn(3))], **kwargs)
 
 
+@pytest.mark.parametrize("kwargs", [dict(lr=torch.tensor(1e-2)),
+                                    dict(betas=(torch.tensor(0.9), torch.tensor(0.99)))],
+                         ids=["lr", "betas"])
+def test_tensor_hyperparameters_with_foreach_are_the_one_validation_difference(kwargs):
+    """The README's one exception to torch's validation errors: torch refuses a tensor lr or
+    betas with foreach=True (capturable=False); foreach is ignored here, so they are taken."""
+    params = [torch.nn.Parameter(torch.randn(3))]
+    with pytest.raises(ValueError, match="as a Tensor is not supported"):
+        torch.optim.AdamW(params, foreach=True, **kwargs)
+    triton_adam.AdamW(params, foreach=True, **kwargs)
+
+
 def test_invalid_hyperparameters_in_a_later_group():
     opt = triton_adam.AdamW([torch.nn.Parameter(torch.randn(3))])
     with pytest.raises(ValueError, match="Invalid learning rate"):

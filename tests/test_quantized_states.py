@@ -675,6 +675,25 @@ def test_a_compact_checkpoint_is_about_a_quarter_of_the_dense_one():
     assert 0.25 < compact / dense < 0.26
 
 
+@pytest.mark.parametrize("dtype,options,ratio", [
+    (torch.bfloat16, dict(master_weights="compact"), 0.505),
+    (torch.bfloat16, dict(master_weights=True), 0.505),
+    (torch.float16, dict(master_weights=True), 0.505),
+    (torch.bfloat16, dict(kahan_summation=True), 0.406)], ids=["compact", "master-bf16",
+                                                               "master-fp16", "kahan"])
+def test_a_compact_checkpoint_with_a_master_is_about_half(dtype, options, ratio):
+    """The README's figures: both dicts hold the float32 master (4 bytes a param; Kahan's
+    compensation: 2), so compact codes save less of the whole."""
+    n = 1 << 16
+    p = torch.nn.Parameter(torch.randn(n).to(dtype))
+    opt = triton_adam.AdamW([p], state_dtype="int8", backend="torch", **options)
+    p.grad = torch.randn_like(p)
+    opt.step()
+    _, dense = _through_a_file(opt.state_dict())
+    _, compact = _through_a_file(opt.state_dict(compact=True))
+    assert abs(compact / dense - ratio) < 0.001
+
+
 @pytest.mark.parametrize("name,per_param", [("int8", 2 + 8 / 256), ("fp8", 2 + 8 / 256),
                                             ("int4", 1 + 8 / 128)])
 def test_memory_per_param(name, per_param):

@@ -224,7 +224,8 @@ class _FusedAdamBase(torch.optim.Optimizer):
             compact (bool): keep quantised moments (``state_dtype="int8"``, ``"fp8"``,
                 ``"int4"``) as they are held, codes and float32 block scales under the live
                 state's keys, instead of decoding them to dense float32 moments: about a
-                quarter of the size for int8. Only this package's ``load_state_dict`` reads
+                quarter of the size for int8 (about half with a master, which both hold as
+                a dense float32 ``master_param``). Only this package's ``load_state_dict`` reads
                 such a dict (into any storage mode: the next step decodes or re-lays the codes
                 where it must); torch's optimizers do not. int4's packed codes carry no layout:
                 a param not laid out row-major has its moments written dense.
