@@ -338,6 +338,11 @@ def test_triton_and_torch_backends_give_the_same_bits(dtype, options):
 # --- the fused clip's norm: float32 whatever the grads' dtype ---------------------------------
 
 FLOAT32_ULP = 2.0 ** -23  # relative spacing of float32 values in [1, 2)
+# How far each backend's float32 norm may be from the exact one: the Triton reduction sums
+# blocks (within an ulp here); the torch backend takes torch's float32 norm (as
+# torch.nn.utils.clip_grad_norm_ does), which on the CPU sums along vector lanes and drifts
+# with the tensor's size (3.6 ulps on these 4096 elements, 1e-4 relative at 4M).
+NORM_ULPS = {"triton": 4, "torch": 32}
 
 
 def _scaled_grads(grad_dtype, scale, seed):
@@ -359,8 +364,8 @@ def _scaled_grads(grad_dtype, scale, seed):
 def test_fused_clip_norm_is_float32_on_both_backends(param_dtype, grad_dtype, scale):
     """The norm is accumulated in float32 for 16-bit grads too (a norm in the grads' dtype
     was 1e-3 off for bfloat16, and inf for float16 grads scaled by a GradScaler, which
-    clipped the update to nothing): every backend within a few float32 ulps of the exact
-    norm, under a GradScaler too."""
+    clipped the update to nothing): every backend within float32 ulps of the exact norm
+    (NORM_ULPS), under a GradScaler too."""
     grads, exact = _scaled_grads(grad_dtype, scale or 1.0, seed=3)
     for backend in backends_on("cpu"):
         params = [torch.nn.Parameter(torch.randn(g.shape).to(param_dtype)) for g in grads]
@@ -379,7 +384,8 @@ def test_fused_clip_norm_is_float32_on_both_backends(param_dtype, grad_dtype, sc
             scaler.update()
         norm = opt.last_grad_norm
         assert norm.dtype == torch.float32
-        torch.testing.assert_close(norm.double(), exact, rtol=4 * FLOAT32_ULP, atol=0,
+        torch.testing.assert_close(norm.double(), exact, rtol=NORM_ULPS[backend] * FLOAT32_ULP,
+                                   atol=0,
                                    msg=lambda m: f"{backend}: {m}")
         # the update kept its (clipped) gradient
         assert all(not torch.equal(p, b) for p, b in zip(params, before)), backend

@@ -152,7 +152,7 @@ def test_sharded_norms_of_16_bit_grads_are_float32(grad_dtype):
     """A one-rank FSDP2 world in this process (the fake process group): the fused clip's norm
     goes through the per-segment totals of the distributed path, which accumulate 16-bit grads
     in float32 on both backends (in the grads' dtype they were 1e-3 off for bfloat16, and inf
-    for float16 grads whose norm passes 65504), within a few float32 ulps of the exact norm.
+    for float16 grads whose norm passes 65504), within 32 float32 ulps of the exact norm.
     clip_grad_norm_'s torch-ops path for DTensors shares the totals."""
     from torch.distributed.fsdp import fully_shard
     from torch.distributed.tensor import DTensor
@@ -180,7 +180,8 @@ def test_sharded_norms_of_16_bit_grads_are_float32(grad_dtype):
                 p.grad = DTensor.from_local(g.clone(), p.device_mesh, p.placements,
                                             shape=p.shape, stride=p.stride())
             opt.step()
-            torch.testing.assert_close(opt.last_grad_norm.double(), exact, rtol=2 ** -21,
+            # 32 ulps: torch's float32 CPU norm drifts with size (test_clip_and_formulations)
+            torch.testing.assert_close(opt.last_grad_norm.double(), exact, rtol=2 ** -18,
                                        atol=0, msg=lambda m: f"{backend}: {m}")
     finally:
         dist.destroy_process_group()
@@ -195,5 +196,5 @@ def test_sharded_norms_of_16_bit_grads_are_float32(grad_dtype):
                                     norms[1] ** norm_type])
         assert totals.dtype == torch.float32
         # p-th powers of float32 norms: p times the norm's rounding, plus the sum's
-        torch.testing.assert_close(totals.double(), expected, rtol=2 ** -20, atol=0,
+        torch.testing.assert_close(totals.double(), expected, rtol=2 ** -17, atol=0,
                                    msg=lambda m: f"norm {norm_type}: {m}")
