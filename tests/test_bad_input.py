@@ -24,6 +24,18 @@ def test_invalid_hyperparameters(cls, kwargs, match):
         getattr(triton_adam, cls)([torch.nn.Parameter(torch.randn(3))], **kwargs)
 
 
+@pytest.mark.parametrize("kwargs", [dict(lr=torch.tensor(1e-2)),
+                                    dict(betas=(torch.tensor(0.9), torch.tensor(0.99)))],
+                         ids=["lr", "betas"])
+def test_tensor_hyperparameters_with_foreach_are_the_one_validation_difference(kwargs):
+    """The README's one exception to torch's validation errors: torch refuses a tensor lr or
+    betas with foreach=True (capturable=False); foreach is ignored here, so they are taken."""
+    params = [torch.nn.Parameter(torch.randn(3))]
+    with pytest.raises(ValueError, match="as a Tensor is not supported"):
+        torch.optim.AdamW(params, foreach=True, **kwargs)
+    triton_adam.AdamW(params, foreach=True, **kwargs)
+
+
 def test_invalid_hyperparameters_in_a_later_group():
     opt = triton_adam.AdamW([torch.nn.Parameter(torch.randn(3))])
     with pytest.raises(ValueError, match="Invalid learning rate"):
@@ -36,9 +48,12 @@ def test_empty_and_bad_param_lists():
         triton_adam.AdamW([])
     with pytest.raises(TypeError, match="param 0 of group 0"):
         triton_adam.AdamW([torch.zeros(3, dtype=torch.int64)])
-    strided = torch.nn.Parameter(torch.randn(4, 8)[:, ::2])
-    with pytest.raises(ValueError, match=r"param 0 of group 0 \(shape \(4, 4\).*not dense"):
-        triton_adam.AdamW([strided])
+    # elements sharing memory (torch's in-place ops refuse them at the first step); a view
+    # with gaps is stepped (test_optimizer_behaviour)
+    expanded = torch.nn.Parameter(torch.randn(1, 8).expand(4, 8))
+    with pytest.raises(ValueError, match=r"param 0 of group 0 \(shape \(4, 8\).*overlaps "):
+        triton_adam.AdamW([expanded])
+    triton_adam.AdamW([torch.nn.Parameter(torch.randn(4, 8)[:, ::2])])
 
 
 def snapshot(params, optimizer):
@@ -125,3 +140,20 @@ def test_zero_element_and_gradless_params_just_work(device, backend):
     opt.step()
     assert opt.state[empty]["step"].item() == 1
     assert idle not in opt.state
+
+
+@pytest.mark.parametrize("backend", ["auto", "torch", "triton"])
+def test_meta_params_are_accepted_then_refused_at_step(backend):
+    """torch.optim builds over meta params; so do we. A step over them says what is wrong
+    (they have no memory; it said "share memory": every meta tensor reports address 0)."""
+    with torch.device("meta"):
+        model = torch.nn.Linear(4, 3)
+    torch.optim.AdamW(model.parameters())
+    opt = triton_adam.AdamW(model.parameters(), lr=1e-2, backend=backend)
+    for p in model.parameters():
+        p.grad = torch.ones_like(p)
+    with pytest.raises(RuntimeError, match=r"param 0 of group 0 \(shape \(3, 4\).*meta device"):
+        opt.step()
+    assert not opt.state
+    opt.zero_grad()
+    opt.step()  # without grads there is nothing to step, as in torch

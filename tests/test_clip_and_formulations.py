@@ -7,7 +7,7 @@ import pytest
 import torch
 
 import triton_adam
-from conftest import DEVICE_BACKENDS
+from conftest import DEVICE_BACKENDS, backends_on
 from interpreter_faults import skip_if_fma_rounds_twice
 
 NORM_TYPES = [2.0, 1.0, float("inf")]
@@ -333,3 +333,59 @@ def test_triton_and_torch_backends_give_the_same_bits(dtype, options):
         for key in ("exp_avg", "exp_avg_sq", "max_exp_avg_sq", "step"):
             assert torch.equal(optimizers[0].state[params[0]][key],
                                optimizers[1].state[params[1]][key]), key
+
+
+# --- the fused clip's norm: float32 whatever the grads' dtype ---------------------------------
+
+FLOAT32_ULP = 2.0 ** -23  # relative spacing of float32 values in [1, 2)
+# How far each backend's float32 norm may be from the exact one: the Triton reduction sums
+# blocks (within an ulp here); the torch backend takes torch's float32 norm (as
+# torch.nn.utils.clip_grad_norm_ does), which on the CPU sums along vector lanes and drifts
+# with the tensor's size (3.6 ulps on these 4096 elements, 1e-4 relative at 4M).
+NORM_ULPS = {"triton": 4, "torch": 32}
+
+
+def _scaled_grads(grad_dtype, scale, seed):
+    """Grads whose unscaled norm is above 1 in every tensor, as a GradScaler hands them over
+    (multiplied by ``scale``, then in ``grad_dtype``), and the float64 norm they carry."""
+    generator = torch.Generator().manual_seed(seed)
+    grads = [(torch.randn(n, generator=generator, dtype=torch.float64) * 0.05 * scale)
+             .to(grad_dtype) for n in (3000, 517, 4096)]
+    exact = torch.linalg.vector_norm(torch.cat([g.double() for g in grads])) / scale
+    return grads, exact
+
+
+@pytest.mark.parametrize("param_dtype,grad_dtype", [
+    (torch.float32, torch.float32), (torch.bfloat16, torch.bfloat16),
+    (torch.float16, torch.float16), (torch.bfloat16, torch.float32),
+    (torch.float16, torch.float32)], ids=["fp32", "bf16", "fp16", "bf16-fp32grads",
+                                          "fp16-fp32grads"])
+@pytest.mark.parametrize("scale", [None, 65536.0], ids=["unscaled", "scaler"])
+def test_fused_clip_norm_is_float32_on_both_backends(param_dtype, grad_dtype, scale):
+    """The norm is accumulated in float32 for 16-bit grads too (a norm in the grads' dtype
+    was 1e-3 off for bfloat16, and inf for float16 grads scaled by a GradScaler, which
+    clipped the update to nothing): every backend within float32 ulps of the exact norm
+    (NORM_ULPS), under a GradScaler too."""
+    grads, exact = _scaled_grads(grad_dtype, scale or 1.0, seed=3)
+    for backend in backends_on("cpu"):
+        params = [torch.nn.Parameter(torch.randn(g.shape).to(param_dtype)) for g in grads]
+        before = [p.detach().clone() for p in params]
+        for p, g in zip(params, grads):
+            p.grad_dtype = None  # torch >= 2.10 checks .grad's dtype against this
+            p.grad = g.clone()
+        opt = triton_adam.AdamW(params, lr=1e-2, weight_decay=0.0, max_grad_norm=1.0,
+                                backend=backend)
+        if scale is None:
+            opt.step()
+        else:
+            scaler = torch.amp.GradScaler("cpu", init_scale=scale)
+            scaler.scale(torch.ones(()))  # the scale as a backward pass would have made it
+            scaler.step(opt)
+            scaler.update()
+        norm = opt.last_grad_norm
+        assert norm.dtype == torch.float32
+        torch.testing.assert_close(norm.double(), exact, rtol=NORM_ULPS[backend] * FLOAT32_ULP,
+                                   atol=0,
+                                   msg=lambda m: f"{backend}: {m}")
+        # the update kept its (clipped) gradient
+        assert all(not torch.equal(p, b) for p, b in zip(params, before)), backend

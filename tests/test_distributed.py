@@ -9,6 +9,7 @@ Checkpoints saved by the 2-process world are loaded by a 1- and a 3-process worl
 import tempfile
 
 import pytest
+import torch
 import torch.distributed as dist
 
 from dist_harness import failures, run_world
@@ -144,3 +145,56 @@ def test_world_of_eight_shapes_on_the_fake_process_group(rank, backend):
                    for s in opt.state.values())
     finally:
         dist.destroy_process_group()
+
+
+@pytest.mark.parametrize("grad_dtype", [torch.bfloat16, torch.float16], ids=["bf16", "fp16"])
+def test_sharded_norms_of_16_bit_grads_are_float32(grad_dtype):
+    """A one-rank FSDP2 world in this process (the fake process group): the fused clip's norm
+    goes through the per-segment totals of the distributed path, which accumulate 16-bit grads
+    in float32 on both backends (in the grads' dtype they were 1e-3 off for bfloat16, and inf
+    for float16 grads whose norm passes 65504), within 32 float32 ulps of the exact norm.
+    clip_grad_norm_'s torch-ops path for DTensors shares the totals."""
+    from torch.distributed.fsdp import fully_shard
+    from torch.distributed.tensor import DTensor
+    from torch.testing._internal.distributed.fake_pg import FakeStore
+
+    import triton_adam
+    from conftest import backends_on
+    from triton_adam._torch_backend import segment_totals
+
+    generator = torch.Generator().manual_seed(7)
+    shapes = [(64, 48), (64,), (40, 64)]
+    # elements well inside float16, norm ~2.4e5: past float16's largest value
+    grads = [(torch.randn(s, generator=generator, dtype=torch.float64) * 3000).to(grad_dtype)
+             for s in shapes]
+    exact = torch.linalg.vector_norm(torch.cat([g.double().flatten() for g in grads]))
+    dist.init_process_group("fake", store=FakeStore(), rank=0, world_size=1)
+    try:
+        for backend in backends_on("cpu"):
+            model = torch.nn.Sequential(torch.nn.Linear(48, 64), torch.nn.Linear(64, 40,
+                                                                                bias=False))
+            fully_shard(model.to(grad_dtype))
+            params = list(model.parameters())
+            opt = triton_adam.AdamW(params, lr=1e-2, max_grad_norm=1.0, backend=backend)
+            for p, g in zip(params, grads):
+                p.grad = DTensor.from_local(g.clone(), p.device_mesh, p.placements,
+                                            shape=p.shape, stride=p.stride())
+            opt.step()
+            # 32 ulps: torch's float32 CPU norm drifts with size (test_clip_and_formulations)
+            torch.testing.assert_close(opt.last_grad_norm.double(), exact, rtol=2 ** -18,
+                                       atol=0, msg=lambda m: f"{backend}: {m}")
+    finally:
+        dist.destroy_process_group()
+    segments = torch.tensor([0, 1, 0])
+    for norm_type in (1.0, 2.0, float("inf")):
+        totals, _ = segment_totals(grads, segments, 2, torch.device("cpu"), norm_type=norm_type)
+        norms = [torch.linalg.vector_norm(g.double(), norm_type) for g in grads]
+        if norm_type == float("inf"):
+            expected = torch.stack([max(norms[0], norms[2]), norms[1]])
+        else:
+            expected = torch.stack([norms[0] ** norm_type + norms[2] ** norm_type,
+                                    norms[1] ** norm_type])
+        assert totals.dtype == torch.float32
+        # p-th powers of float32 norms: p times the norm's rounding, plus the sum's
+        torch.testing.assert_close(totals.double(), expected, rtol=2 ** -17, atol=0,
+                                   msg=lambda m: f"norm {norm_type}: {m}")

@@ -249,3 +249,34 @@ def test_switching_master_weights_on_mid_training_starts_masters_from_the_params
     opt.param_groups[0]["master_weights"] = False  # off again: the master is dropped
     opt.step()
     assert "master_param" not in opt.state[p]
+
+
+@pytest.mark.parametrize("device,backend", DEVICE_BACKENDS)
+@pytest.mark.parametrize("dtype,mode", MODES, ids=MODE_IDS)
+def test_a_checkpoint_with_a_master_loads_into_float32_params_as_torch_loads_it(device, backend,
+                                                                                dtype, mode):
+    """A 16-bit run's checkpoint resumed over float32 params: torch.optim.AdamW loads it (its
+    ``master_param`` unused); ours too, the master dropped (a float32 param is its own
+    value), and the steps are torch's (the first step raised a shape error)."""
+    p = torch.nn.Parameter(torch.randn(300).to(dtype).to(device))
+    opt = triton_adam.AdamW([p], lr=1e-2, backend=backend, master_weights=mode)
+    for _ in range(3):
+        p.grad = torch.randn(300).to(dtype).to(device)
+        opt.step()
+    saved = opt.state_dict()
+    assert "master_param" in saved["state"][0]
+    ours, theirs = (torch.nn.Parameter(p.detach().float().clone()) for _ in range(2))
+    opt2 = triton_adam.AdamW([ours], lr=1e-2, backend=backend)
+    opt2.load_state_dict(copy.deepcopy(saved))
+    ref = torch.optim.AdamW([theirs], lr=1e-2, fused=True)
+    ref.load_state_dict(copy.deepcopy(saved))
+    for _ in range(3):
+        grad = torch.randn(300, device=device)
+        ours.grad, theirs.grad = grad, grad.clone()
+        opt2.step()
+        ref.step()
+    torch.testing.assert_close(ours, theirs, rtol=1e-6, atol=1e-7)
+    assert set(opt2.state[ours]) == {"step", "exp_avg", "exp_avg_sq"}
+    for key in ("exp_avg", "exp_avg_sq"):
+        torch.testing.assert_close(opt2.state[ours][key], ref.state[theirs][key], rtol=1e-6,
+                                   atol=1e-9)

@@ -296,3 +296,101 @@ def test_params_only_the_optimizer_holds(device, backend):
     with pytest.raises(RuntimeError, match="replaced by another Parameter object"):
         opt.step()
     torch.testing.assert_close(model.weight.detach(), weight_before)
+
+
+@pytest.mark.parametrize("device,backend", DEVICE_BACKENDS)
+@pytest.mark.parametrize("state_dtype", [None, "int8"], ids=["dense", "int8"])
+def test_state_entries_that_are_not_params_are_kept_like_torch(device, backend, state_dtype):
+    """torch's own tests put ``optimizer.state["test"] = 1`` from a state_dict pre-hook: the
+    entry is returned as it is, loads back, and the steps go on around it."""
+    params = [torch.nn.Parameter(torch.randn(5000, device=device)) for _ in range(2)]
+    opt = triton_adam.AdamW(params, lr=1e-2, backend=backend, state_dtype=state_dtype)
+    for p in params:
+        p.grad = torch.randn_like(p)
+    opt.step()
+    opt.register_state_dict_pre_hook(lambda optimizer: optimizer.state.update(test=1))
+    saved = opt.state_dict()
+    assert saved["state"]["test"] == 1 and set(saved["state"]) == {0, 1, "test"}
+    assert opt.state_bytes() > 0
+    opt.step()
+    again = triton_adam.AdamW([torch.nn.Parameter(p.detach().clone()) for p in params],
+                              lr=1e-2, backend=backend, state_dtype=state_dtype)
+    again.load_state_dict(saved)
+    assert again.state["test"] == 1
+    reference = torch.optim.AdamW([torch.nn.Parameter(p.detach().clone()) for p in params])
+    reference.load_state_dict(saved)
+    assert reference.state["test"] == 1
+
+
+@pytest.mark.parametrize("device,backend", DEVICE_BACKENDS)
+def test_a_plain_number_step_loads_like_torch(device, backend):
+    """Old checkpoints hold ``step`` as a plain number: torch turns 3.0 into tensor(4.) at the
+    next step; so do we (on a CPU param the new tensor was built, then dropped)."""
+    model, twin = make_model(device), make_model(device)
+    ours = triton_adam.AdamW(model.parameters(), lr=1e-2, backend=backend)
+    theirs = torch.optim.AdamW(twin.parameters(), lr=1e-2, foreach=False)
+    for net, opt in ((model, ours), (twin, theirs)):
+        train(net, opt, 3)
+        saved = copy.deepcopy(opt.state_dict())
+        for state in saved["state"].values():
+            state["step"] = float(state["step"])
+        opt.load_state_dict(saved)
+        train(net, opt, 2, first_seed=3)
+    assert_same_params(model, twin, rtol=1e-5, atol=1e-6)
+    for p, q in zip(model.parameters(), twin.parameters()):
+        step = ours.state[p]["step"]
+        assert step.dtype == torch.float32 and step.dim() == 0 and step.device == p.device
+        assert step.item() == theirs.state[q]["step"].item() == 5.0
+
+
+def _views_with_gaps(seed):
+    """Params that are strided views with gaps between their elements (torch steps them), and
+    a dense one beside them."""
+    generator = torch.Generator().manual_seed(seed)
+    return [torch.randn(10, 5, 2, generator=generator)[..., 0],
+            torch.randn(8, 6, generator=generator)[:, ::2].t(),
+            torch.randn(7, generator=generator)]
+
+
+@pytest.mark.parametrize("device,backend", DEVICE_BACKENDS)
+@pytest.mark.parametrize("options", [dict(), dict(amsgrad=True, maximize=True, weight_decay=0.1),
+                                     dict(max_grad_norm=0.5),
+                                     dict(state_dtype="int8", min_quantized_numel=8)],
+                         ids=["plain", "amsgrad-maximize", "clip", "int8"])
+def test_params_with_gaps_in_memory_step_like_torch(device, backend, options):
+    """A strided view with gaps (``Parameter(torch.randn(10, 5, 2)[..., 0])``) is stepped where
+    it lies with torch ops (int8 groups give it float32 moments), beside dense params: torch's
+    numbers; its state dict loads back (ours and torch's) and continues alike."""
+    def make():
+        return [torch.nn.Parameter(v.to(device)) for v in _views_with_gaps(seed=4)]
+    ours, theirs, resumed = make(), make(), make()
+    assert not ours[0].is_contiguous() and ours[0].stride() == (10, 2)
+    clip = options.get("max_grad_norm")
+    torch_options = {k: v for k, v in options.items()
+                     if k in ("amsgrad", "maximize", "weight_decay")}
+    opt = triton_adam.AdamW(ours, lr=1e-2, backend=backend, **options)
+    ref = torch.optim.AdamW(theirs, lr=1e-2, foreach=False, **torch_options)
+    generator = torch.Generator().manual_seed(5)
+    for step in range(4):
+        grads = [torch.randn(p.shape, generator=generator).to(device) for p in ours]
+        if step == 3:  # resume from the state dict of step 3 (and check it loads into torch)
+            again = triton_adam.AdamW(resumed, lr=1e-2, backend=backend, **options)
+            again.load_state_dict(copy.deepcopy(opt.state_dict()))
+            for p, q in zip(resumed, ours):
+                p.data.copy_(q)
+                p.grad = None
+            torch.optim.AdamW(make(), **torch_options).load_state_dict(
+                copy.deepcopy(opt.state_dict()))
+        for p, q, r, g in zip(ours, theirs, resumed, grads):
+            p.grad, q.grad, r.grad = g.clone(), g.clone(), g.clone()
+        opt.step()
+        if clip is not None:
+            torch.nn.utils.clip_grad_norm_(theirs, clip)
+        ref.step()
+    again.step()
+    for p, q, r in zip(ours, theirs, resumed):
+        torch.testing.assert_close(p, q, rtol=1e-5, atol=1e-6)
+        assert torch.equal(p, r)
+        assert p.stride() == r.stride() == q.stride()
+        assert opt.state[p]["step"].item() == 4
+        assert opt.state[p]["exp_avg"].dtype == torch.float32  # int8: the views' moments

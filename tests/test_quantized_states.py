@@ -675,6 +675,25 @@ def test_a_compact_checkpoint_is_about_a_quarter_of_the_dense_one():
     assert 0.25 < compact / dense < 0.26
 
 
+@pytest.mark.parametrize("dtype,options,ratio", [
+    (torch.bfloat16, dict(master_weights="compact"), 0.505),
+    (torch.bfloat16, dict(master_weights=True), 0.505),
+    (torch.float16, dict(master_weights=True), 0.505),
+    (torch.bfloat16, dict(kahan_summation=True), 0.406)], ids=["compact", "master-bf16",
+                                                               "master-fp16", "kahan"])
+def test_a_compact_checkpoint_with_a_master_is_about_half(dtype, options, ratio):
+    """The README's figures: both dicts hold the float32 master (4 bytes a param; Kahan's
+    compensation: 2), so compact codes save less of the whole."""
+    n = 1 << 16
+    p = torch.nn.Parameter(torch.randn(n).to(dtype))
+    opt = triton_adam.AdamW([p], state_dtype="int8", backend="torch", **options)
+    p.grad = torch.randn_like(p)
+    opt.step()
+    _, dense = _through_a_file(opt.state_dict())
+    _, compact = _through_a_file(opt.state_dict(compact=True))
+    assert abs(compact / dense - ratio) < 0.001
+
+
 @pytest.mark.parametrize("name,per_param", [("int8", 2 + 8 / 256), ("fp8", 2 + 8 / 256),
                                             ("int4", 1 + 8 / 128)])
 def test_memory_per_param(name, per_param):
@@ -753,3 +772,34 @@ def test_a_checkpoint_of_another_param_is_refused_naming_it(compact, state_dtype
         opt.step()
     assert torch.equal(q, before)
     assert all(opt.state[q][key] is value for key, value in loaded.items())
+
+
+@pytest.mark.parametrize("options,compact", [
+    (dict(state_dtype="int8"), False),
+    (dict(state_dtype="int8", master_weights=True), False),
+    (dict(state_dtype="int8", kahan_summation=True), False),
+    (dict(state_dtype="int8", master_weights="compact"), True),
+    (dict(state_dtype=None, master_weights="compact"), False)],
+    ids=["int8", "int8-master", "int8-kahan", "int8-compact-master-compact-dict",
+         "compact-master"])
+@pytest.mark.parametrize("device,backend", DEVICE_BACKENDS)
+def test_a_state_dict_kept_while_training_goes_on_stays_one_snapshot(device, backend, options,
+                                                                     compact):
+    """Each state of a dict kept while the optimizer steps on is the state of one step: the
+    live one (torch's dict holds the live states) or, where the dict holds it in another form
+    (decoded moments, a dense master), a copy of all of it (the live step count beside moments
+    of an earlier step was saved as a state that never existed)."""
+    dtype = torch.float32 if set(options) == {"state_dtype"} else torch.bfloat16
+    params, opt = run(backend, device, steps=2, dtype=dtype, **options)
+    held = opt.state_dict(compact=compact)
+    then = copy.deepcopy(held)
+    _continue(params, opt, seed=5, steps=2)
+    copies = 0
+    for index, state in then["state"].items():
+        if held["state"][index] is opt.state[params[index]]:
+            continue
+        copies += 1
+        assert set(held["state"][index]) == set(state)
+        for key, value in state.items():
+            assert torch.equal(held["state"][index][key], value), (index, key)
+    assert copies > 0

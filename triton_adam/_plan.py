@@ -407,6 +407,10 @@ class StepPlan:
                     continue
                 backend = choose_backend(optimizer.backend, param.device, param.dtype,
                                          _validation.describe(gi, pi, param))
+                if not _validation.is_dense(local(param)):
+                    # a view with gaps (torch steps it): torch ops where it lies, as the
+                    # kernels address each param as one run of memory
+                    backend = "torch"
                 state = states[param]
                 precision = _precision.of(group, param, _validation.describe(gi, pi, param))
                 _validation.check_state(gi, pi, param, state, amsgrad, precision)
@@ -430,7 +434,8 @@ class StepPlan:
                 key = (backend, param.device, dtypes, amsgrad)
                 if backend == "torch":
                     # (codes and dense moments apart: torch's fused kernel takes the latter)
-                    key = key + (gi, decoupled, maximize, precision.quantized)
+                    key = key + (gi, decoupled, maximize, precision.quantized,
+                                 _validation.is_dense(member.flat_param))
                 members_by_key.setdefault(key, []).append(member)
 
         by_device: dict = {}
@@ -648,6 +653,8 @@ def _kernel_grad(member: Member, grad: Tensor) -> Tensor:
 
 def _check_state_layout(member: Member, amsgrad: bool) -> None:
     """Give loaded state tensors their param's strides (a value-preserving fix-up)."""
+    if not _validation.is_dense(member.flat_param):
+        return  # stepped by torch ops, whatever the states' strides (see StepPlan)
     what = _validation.describe(member.group_index, member.position, member.param)
     keys = memory_keys(amsgrad, member.extra_key)
     fmt = member.precision.format

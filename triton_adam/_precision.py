@@ -25,7 +25,7 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
-from . import _distributed, _quantize
+from . import _distributed, _quantize, _validation
 from ._distributed import local
 
 # extra -> its state key; extra is None, "fp32", "remainder" or "kahan"
@@ -133,6 +133,9 @@ def of(group: dict, param: Tensor, what: str = "a param") -> Precision:
         # numel (a DTensor's is the global one): every shard of a param is held alike, at any
         # world size, and a small shard of a large param is still quantised
         small = param.numel() < group.get("min_quantized_numel", _quantize.MIN_QUANTIZED_NUMEL)
+        # a view with gaps has no run of memory for the codes' blocks to follow: dense
+        # moments, stepped by torch ops (see _plan.StepPlan)
+        small = small or not _validation.is_dense(local(param))
         state_dtype = torch.float32 if small else _quantize.FORMATS[codes].signed_dtype
         if not small and _quantize.FORMATS[codes].packed and _distributed.is_dtensor(param):
             # int8/fp8 codes are DTensors shaped as the param; packed ones have no such shape
@@ -220,9 +223,13 @@ def rounds_to(master: Tensor, param: Tensor) -> Tensor:
 def value_of(param: Tensor, state: dict) -> Tensor:
     """The float32 value ``state`` keeps for local ``param`` (either extra form), or the
     param's own (always a new tensor); a param written from outside since the extra was
-    written wins, as in the kernels."""
+    written wins, as in the kernels. Only a 16-bit param's state describes its value."""
     param = param.detach()
     value = param.to(torch.float32, copy=True)
+    if param.dtype not in SIXTEEN_BIT:
+        # a 16-bit run's master, remainder or compensation loaded for a float32 param (a run
+        # resumed in float32): the param is its own value, as torch.optim, which ignores them
+        return value
     master = state.get("master_param")
     if master is not None:
         master = local(master)

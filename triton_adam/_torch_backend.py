@@ -11,7 +11,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from . import _precision, _quantize
+from . import _precision, _quantize, _validation
 
 
 def _flat(tensor: Tensor) -> Tensor:
@@ -43,6 +43,10 @@ class TorchBucket:
         # moments held in another dtype than the params: torch's CPU fused kernel refuses that,
         # so these go through the float32 math, the Triton kernel's arithmetic
         self.mixed_state = any(m.state["exp_avg"].dtype != m.param.dtype for m in members)
+        # views with gaps between their elements: torch's fused CPU kernel walks a param as
+        # one run of memory beside its (dense) moments, and steps them wrong (torch 2.13:
+        # 6e-3 off its own foreach=False in 3 steps), so these take the float32 math too
+        self.dense = all(_validation.is_dense(p) for p in self.params)
         # the float32 master, remainder or compensation stepped with each param (all members
         # of a bucket keep the same kind, or none), and stochastic rounding's stream keys
         precision = members[0].precision
@@ -57,7 +61,7 @@ class TorchBucket:
         default_formulas = (group.get("eps_mode", "torch") == "torch"
                             and group.get("bias_correction", True)
                             and group.get("weight_decay_mode", "torch") == "torch"
-                            and not self.mixed_state and not self.extra
+                            and not self.mixed_state and not self.extra and self.dense
                             and not self.stochastic
                             and grads[0].dtype == self.params[0].dtype)
         if default_formulas:
@@ -197,6 +201,32 @@ def precision_of(member):
     return member.precision or _precision.Precision(member.dtype)
 
 
+# torch >= 2.5 (and some 2.4 builds) accumulate a foreach norm in a given dtype
+_FOREACH_NORM_TAKES_DTYPE = "dtype" in str(torch.ops.aten._foreach_norm.Scalar._schema)
+
+
+def _float32_norms(tensors, norm_type, device) -> Tensor:
+    """Each tensor's ``norm_type``-norm as a float32 ``[len(tensors)]`` tensor on ``device``,
+    accumulated in float32 (float64 tensors in float64), as the Triton reduction does.
+
+    A norm in a 16-bit grad's own dtype is rounded to 8 or 11 bits (bfloat16's was ~1e-3 off)
+    and overflows float16 past 65504, which a GradScaler's scaled grads reach at an unscaled
+    norm of ~1 (an inf norm clipped the update to nothing).
+    """
+    wide = [t.dtype == torch.float64 for t in tensors]
+    narrow = [t for t, w in zip(tensors, wide) if not w]
+    if narrow and _FOREACH_NORM_TAKES_DTYPE:
+        narrow = torch._foreach_norm(narrow, norm_type, dtype=torch.float32)
+    elif narrow:
+        narrow = torch._foreach_norm([t.float() for t in narrow], norm_type)
+    doubles = [t for t, w in zip(tensors, wide) if w]
+    doubles = torch._foreach_norm(doubles, norm_type) if doubles else []
+    narrow, doubles = iter(narrow), iter(doubles)
+    return torch.stack([(next(doubles) if w else next(narrow)).to(device=device,
+                                                                  dtype=torch.float32)
+                        for w in wide])
+
+
 def grad_norm_and_nonfinite(grads, grad_scale, found_inf, device, check_nonfinite=True):
     """Global 2-norm of ``grads`` (unscaled by ``grad_scale``) and a non-finite flag, with torch.
 
@@ -209,9 +239,7 @@ def grad_norm_and_nonfinite(grads, grad_scale, found_inf, device, check_nonfinit
         norm = torch.zeros((), dtype=torch.float32, device=device)
     else:
         flat = [_flat(g) for g in grads]
-        norms = torch._foreach_norm([g.float() if g.dtype == torch.float64 else g for g in flat], 2)
-        norm = torch.linalg.vector_norm(
-            torch.stack([n.to(device=device, dtype=torch.float32) for n in norms]), 2)
+        norm = torch.linalg.vector_norm(_float32_norms(flat, 2.0, device), 2)
         if check_nonfinite:
             flag = torch.stack([(~torch.isfinite(g)).any().to(device) for g in flat]).any()
             flag = flag.to(torch.float32)
@@ -231,9 +259,7 @@ def segment_totals(grads, segments, n_segments, device, check_nonfinite=True, no
     flag = torch.zeros((), dtype=torch.float32, device=device)
     if grads:
         flat = [_flat(g) for g in grads]
-        norms = torch._foreach_norm([g.float() if g.dtype == torch.float64 else g for g in flat],
-                                    norm_type)
-        norms = torch.stack([n.to(device=device, dtype=torch.float32) for n in norms])
+        norms = _float32_norms(flat, norm_type, device)
         if norm_type == float("inf"):
             totals.scatter_reduce_(0, segments, norms, "amax")
         else:

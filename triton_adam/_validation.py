@@ -99,22 +99,54 @@ def is_dense(tensor: Tensor) -> bool:
     return True
 
 
+def overlaps_itself(tensor: Tensor) -> bool:
+    """True if two of the tensor's elements may share memory (an expanded or as_strided
+    view): each dim, by increasing stride, must step past all the dims before it."""
+    reach = 1
+    for stride, size in sorted((stride, size) for size, stride in zip(tensor.shape,
+                                                                      tensor.stride())
+                               if size != 1):
+        if stride < reach:
+            return True
+        reach += (size - 1) * stride
+    return False
+
+
+def memory_span(tensor: Tensor) -> tuple:
+    """(first, one past the last) byte address of the tensor's elements (non-negative
+    strides, as torch's): its numel's bytes if dense, more for a view with gaps."""
+    last = sum((size - 1) * stride for size, stride in zip(tensor.shape, tensor.stride()))
+    return tensor.data_ptr(), tensor.data_ptr() + (last + 1) * tensor.element_size()
+
+
 def check_param(group_index: int, position: int, param: Tensor) -> None:
-    """Refuse params the fused kernels cannot update in place as one flat run of memory."""
+    """Refuse params that Adam cannot update in place: not floating point, or elements that
+    share memory. Params with gaps between their elements (a strided view) are stepped with
+    torch ops where they lie (the kernels update one run of memory)."""
     if not (param.is_floating_point() or param.is_complex()):
         raise TypeError(f"{describe(group_index, position, param)}: Adam needs floating-point "
                         "or complex params")
     _distributed.check_param(describe(group_index, position, param), param)
     memory = _distributed.local(param)
-    if memory.numel() > 1 and not is_dense(memory):
+    if memory.numel() > 1 and overlaps_itself(memory):
+        # torch's in-place ops refuse it too, at the first step
         raise ValueError(
-            f"{describe(group_index, position, param)} with strides {memory.stride()} is not "
-            "dense in memory (a strided or overlapping view): triton-adam updates each param "
-            "as one flat run of memory; make it a contiguous leaf tensor")
+            f"{describe(group_index, position, param)} with strides {memory.stride()} overlaps "
+            "itself in memory (an expanded or as_strided view): some of its elements are one "
+            "memory location, which an update cannot write as several; make it a tensor of its "
+            "own (e.g. .clone())")
 
 
 def check_grad(group_index: int, position: int, param: Tensor, grad: Tensor) -> None:
-    """Raise if ``grad`` cannot be the gradient of ``param`` (sparse, dtype, shape, device)."""
+    """Raise if ``grad`` cannot be the gradient of ``param`` (sparse, dtype, shape, device),
+    or ``param`` has no memory to step (the meta device, which the optimizer's construction
+    accepts, as torch's does)."""
+    if param.device.type == "meta":
+        raise RuntimeError(
+            f"{describe(group_index, position, param)} is on the meta device: it has no memory "
+            "for the step to update. Materialise the model first (e.g. "
+            "model.to_empty(device=...), which gives it new params, then initialise them) and "
+            "build the optimizer on its params")
     if grad.is_sparse:
         raise RuntimeError("Adam does not support sparse gradients, please consider SparseAdam "
                            f"instead ({describe(group_index, position, param)} has a sparse grad)")
@@ -207,10 +239,8 @@ def _check_like_param(what: str, key: str, value, param: Tensor, shape=None) -> 
 
 def check_no_overlap(tensors, names) -> None:
     """Raise if two of the tensors share memory: one launch would update it twice, racing."""
-    spans = sorted(
-        (t.data_ptr(), t.data_ptr() + t.numel() * t.element_size(), name)
-        for t, name in zip(tensors, names) if t.numel() > 0
-    )
+    # a strided view's span covers its gaps: views interleaved in one buffer count as sharing
+    spans = sorted((*memory_span(t), name) for t, name in zip(tensors, names) if t.numel() > 0)
     for (_, end, name), (start, _, other) in zip(spans, spans[1:]):
         if start < end:
             raise ValueError(f"{name} and {other} share memory: the optimizer would update that "

@@ -212,6 +212,8 @@ class _FusedAdamBase(torch.optim.Optimizer):
         """
         held = {}
         for param, state in self.state.items():
+            if not isinstance(param, Tensor) or not isinstance(state, dict):
+                continue  # an entry that is not a param's
             held[param] = sum(local(t).numel() * local(t).element_size()
                               for t in state.values() if isinstance(t, Tensor) and t.dim() > 0)
         return held if per_param else sum(held.values())
@@ -226,7 +228,8 @@ class _FusedAdamBase(torch.optim.Optimizer):
             compact (bool): keep quantised moments (``state_dtype="int8"``, ``"fp8"``,
                 ``"int4"``) as they are held, codes and float32 block scales under the live
                 state's keys, instead of decoding them to dense float32 moments: about a
-                quarter of the size for int8. Only this package's ``load_state_dict`` reads
+                quarter of the size for int8 (about half with a master, which both hold as
+                a dense float32 ``master_param``). Only this package's ``load_state_dict`` reads
                 such a dict (into any storage mode: the next step decodes or re-lays the codes
                 where it must); torch's optimizers do not. int4's packed codes carry no layout:
                 a param not laid out row-major has its moments written dense.
@@ -237,16 +240,20 @@ class _FusedAdamBase(torch.optim.Optimizer):
         saved["state"] = {key: dict(value) if isinstance(value, dict) else value
                           for key, value in saved["state"].items()}
         params = [p for group in self.param_groups for p in group["params"]]
-        for index, state in saved["state"].items():
+        for index, live in saved["state"].items():
+            if not isinstance(index, int) or not isinstance(live, dict):
+                continue  # an entry that is not a param's (torch returns it as it is)
+            state = live
             if _quantize.is_quantized(state) and not (
                     compact and _quantize.portable_codes(params[index], state)):
                 # quantised moments: dense float32 ones, torch's form
-                state = saved["state"][index] = _quantize.convert(params[index].detach(), state,
-                                                                  quantize=False)
+                state = _quantize.convert(params[index].detach(), state, quantize=False)
             if "master_remainder" in state:
                 master = _precision.dense_master(params[index], state)
-                saved["state"][index] = {**{k: v for k, v in state.items()
-                                            if k != "master_remainder"}, "master_param": master}
+                state = {**{k: v for k, v in state.items() if k != "master_remainder"},
+                         "master_param": master}
+            if state is not live:
+                saved["state"][index] = _snapshot(state, live)
         return saved
 
     def load_state_dict(self, state_dict: dict) -> None:
@@ -282,7 +289,9 @@ class _FusedAdamBase(torch.optim.Optimizer):
             by_id = dict(zip((i for g in state_dict["param_groups"] for i in g["params"]),
                              (p for g in self.param_groups for p in g["params"])))
             for (key, name), value in kept.items():
-                param = by_id[key]
+                param = by_id.get(key)
+                if param is None:  # an entry that is not a param's, kept as torch keeps it
+                    continue
                 if self.state[param][name].dtype != value.dtype:  # torch's cast changed it
                     self.state[param][name] = value.detach().to(device=param.device).clone()
             for param in by_id.values():
@@ -307,7 +316,8 @@ class _FusedAdamBase(torch.optim.Optimizer):
                     continue
                 step = state["step"]
                 if not isinstance(step, Tensor):
-                    step = torch.tensor(float(step))
+                    # stored even where its dtype, device and shape already fit (a CPU param)
+                    step = state["step"] = torch.tensor(float(step), dtype=torch.float32)
                 if _distributed.is_dtensor(step):
                     # a step that went through distribute_tensor (a resharded checkpoint):
                     # the kernels read it by address, and a DTensor has none
@@ -460,6 +470,19 @@ _OPTIONS = ("eps_mode", "bias_correction", "weight_decay_mode", "state_dtype", "
 # converted to them rather than overriding them
 _STORAGE_OPTIONS = ("state_dtype", "master_weights", "kahan_summation", "stochastic_rounding",
                     "min_quantized_numel", "quant_block_size")
+
+
+def _snapshot(state: dict, live: dict) -> dict:
+    """``state`` (a form of the ``live`` state, some of its tensors new copies: decoded
+    moments, a dense master) with the tensors it shares with ``live`` copied too.
+
+    torch's state dict holds the live states: kept while training goes on, it follows them.
+    One that holds a copy of some tensors must copy them all, or a dict kept for later holds
+    the step count (or master) of a later step beside the moments of this one.
+    """
+    shared = {id(value) for value in live.values() if isinstance(value, Tensor)}
+    return {key: value.clone() if id(value) in shared else value
+            for key, value in state.items()}
 
 
 def _initial_state(param: Tensor, amsgrad: bool, precision) -> dict:
