@@ -4,7 +4,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from . import _compile, _distributed, _precision, _quantize, _validation
+from . import _compile, _differentiable, _distributed, _precision, _quantize, _validation
 from ._distributed import local
 from ._plan import GradDtypeChanged, StepPlan, interpreter_enabled, state_key_names
 
@@ -26,8 +26,12 @@ _COMMON_DOC = """
             never synchronizes with the host in either mode: step counts, bias corrections and
             the GradScaler's ``found_inf`` stay on the device.
         foreach, fused: accepted for compatibility and ignored; the step is always fused.
-        differentiable: refused when True (a ValueError): the kernels update in place outside
-            autograd.
+        differentiable (bool): autograd through the step, as torch's: such groups run torch's
+            own differentiable single-tensor Adam (not the fused kernels) on this optimizer's
+            state, and non-leaf params are accepted as torch accepts them. Not with
+            max_grad_norm, skip_nonfinite, fused=True or this package's other options
+            (eps_mode, bias_correction, weight_decay_mode, state_dtype, master_weights,
+            kahan_summation, stochastic_rounding at their defaults): a ValueError names them.
         max_grad_norm (float, optional): clip the grads' global 2-norm (over every param of
             the optimizer) to this, folded into the update: the step reads the grads once for
             the norm and once for the update and never rewrites them. Same result as
@@ -126,9 +130,6 @@ class _FusedAdamBase(torch.optim.Optimizer):
         self.skip_nonfinite = bool(skip_nonfinite)
         self.last_grad_norm = None
         self.last_step_skipped = None
-        if differentiable:
-            raise ValueError("differentiable=True is not supported: triton-adam's kernels update "
-                             "params in place outside autograd; use torch.optim for that")
         _validation.check_hyperparameters(lr, betas, eps, weight_decay)
         betas = tuple(map(_validation.to_scalar, betas))
         self.backend = backend
@@ -137,7 +138,7 @@ class _FusedAdamBase(torch.optim.Optimizer):
         self._layout_version = 0
         defaults = dict(lr=lr, betas=betas, eps=eps, weight_decay=weight_decay, amsgrad=amsgrad,
                         maximize=maximize, foreach=foreach, capturable=capturable,
-                        differentiable=False, fused=fused,
+                        differentiable=differentiable, fused=fused,
                         decoupled_weight_decay=decoupled_weight_decay, eps_mode=eps_mode,
                         bias_correction=bias_correction, weight_decay_mode=weight_decay_mode,
                         state_dtype=state_dtype, master_weights=master_weights,
@@ -163,12 +164,16 @@ class _FusedAdamBase(torch.optim.Optimizer):
         _precision.check_options(merged.get("master_weights", False),
                                  merged.get("kahan_summation", False),
                                  merged.get("stochastic_rounding", False), merged.get("seed"))
+        _differentiable.check_group(self, merged, len(self.param_groups))
         if "betas" in param_group:
             param_group["betas"] = tuple(map(_validation.to_scalar, param_group["betas"]))
         super().add_param_group(param_group)
         group_index = len(self.param_groups) - 1
         try:
-            for position, param in enumerate(self.param_groups[-1]["params"]):
+            # torch's differentiable step takes any tensor (non-leaf, strided); the plan never
+            # sees these params
+            checked = [] if merged.get("differentiable") else self.param_groups[-1]["params"]
+            for position, param in enumerate(checked):
                 _validation.check_param(group_index, position, param)
         except (TypeError, ValueError):
             self.param_groups.pop()
@@ -377,7 +382,7 @@ class _FusedAdamBase(torch.optim.Optimizer):
         Args:
             closure (callable, optional): re-evaluates the model and returns the loss.
         """
-        if torch.compiler.is_compiling():
+        if torch.compiler.is_compiling() and not _differentiable.any_group(self):
             # the whole step as one opaque custom op in the graph (see _compile)
             return _compile.compiled_step(self, closure)
         loss = None
@@ -385,6 +390,16 @@ class _FusedAdamBase(torch.optim.Optimizer):
             with torch.enable_grad():
                 loss = closure()
         grads_by_group = [[p.grad for p in group["params"]] for group in self.param_groups]
+        differentiable = None
+        if _differentiable.any_group(self):
+            # torch's differentiable Adam for those groups, after the plan's (see _differentiable)
+            differentiable = _differentiable.DifferentiableStep(
+                self, grads_by_group, getattr(self, "grad_scale", None),
+                getattr(self, "found_inf", None))
+            if differentiable.covers_all:
+                differentiable.run()
+                return loss
+            grads_by_group = _differentiable.grads_for_plan(self, grads_by_group)
         if any(g is None for grads in grads_by_group for g in grads):
             # at every step with a missing grad, not only when the tables change: a model
             # whose params were all replaced leaves the tables as they were (no grads before
@@ -417,6 +432,8 @@ class _FusedAdamBase(torch.optim.Optimizer):
             # the next step checks everything again
             self._plan = None
             raise
+        if differentiable is not None:
+            differentiable.run()
         return loss
 
 
