@@ -65,7 +65,9 @@ _COMMON_DOC = """
             any precision rung. ``state_dict()`` holds dense float32 moments (torch's form),
             ``state_dict(compact=True)`` the codes and scales. DTensor params are quantised in
             blocks of each rank's local shard (int8, fp8: the codes DTensors, the scales plain
-            local tensors; quantised or not by the whole param's numel).
+            local tensors; quantised or not by the whole param's numel), and
+            ``state_dict(compact=True)`` refuses them (a ValueError): a distributed checkpoint
+            would keep one rank's scales for all.
         min_quantized_numel (int): with quantised moments, params with fewer elements keep
             float32 moments (default 4096: biases and norms).
         quant_block_size (int, optional): elements per float32 scale of quantised moments,
@@ -230,8 +232,11 @@ class _FusedAdamBase(torch.optim.Optimizer):
                 quarter of the size for int8. Only this package's ``load_state_dict`` reads
                 such a dict (into any storage mode: the next step decodes or re-lays the codes
                 where it must); torch's optimizers do not. int4's packed codes carry no layout:
-                a param not laid out row-major has its moments written dense.
+                a param not laid out row-major has its moments written dense. Refused (a
+                ValueError) for DTensor params with quantised moments (see state_dtype).
         """
+        if compact:
+            self._check_compact()
         saved = super().state_dict()
         params = [p for group in self.param_groups for p in group["params"]]
         for index, state in saved["state"].items():
@@ -245,6 +250,26 @@ class _FusedAdamBase(torch.optim.Optimizer):
                 saved["state"][index] = {**{k: v for k, v in state.items()
                                             if k != "master_remainder"}, "master_param": master}
         return saved
+
+    def _check_compact(self) -> None:
+        """Refuse a compact state dict of DTensor params with quantised moments.
+
+        Their block scales are plain tensors of this rank's local shard (a DTensor cannot hold
+        them: each rank's blocks are its own shard's, not a slice of one global layout), and a
+        distributed checkpoint keeps a single rank's copy of a plain tensor: every other rank
+        would load that rank's scales, silently.
+        """
+        for gi, group in enumerate(self.param_groups):
+            for pi, param in enumerate(group["params"]):
+                state = self.state.get(param)
+                if state and _distributed.is_dtensor(param) and _quantize.is_quantized(state):
+                    raise ValueError(
+                        f"{_validation.describe(gi, pi, param)}: state_dict(compact=True) "
+                        "cannot hold the quantised moments of a DTensor param (their block "
+                        "scales are this rank's own, and a distributed checkpoint keeps one "
+                        "rank's copy of them); use state_dict() or torch.distributed."
+                        "checkpoint.state_dict.get_optimizer_state_dict, whose dense float32 "
+                        "moments are DTensors")
 
     def load_state_dict(self, state_dict: dict) -> None:
         """Load a state dict saved by this class or by torch.optim.Adam/AdamW (any device).
