@@ -686,6 +686,25 @@ def _quantized_states_on_fsdp2(rank, world_size, state_dtype):
         assert all(torch.equal(a, b) for a, b in zip(torch_side, triton_side)), "backends"
 
 
+def compact_state_dict_refused_on_fsdp2(rank, world_size, shared_dir):
+    """state_dict(compact=True) of FSDP2 params with int8 moments raises, naming the param:
+    their block scales are this rank's own plain tensors, of which DCP would keep one rank's
+    copy for all. state_dict() still works, and plain params' compact dicts hold codes."""
+    model = _int8_model(seed=9)
+    params = list(model.parameters())
+    opt = triton_adam.AdamW(params, backend="torch", **INT8)
+    twins, ref = _plain_int8_twin(params, "torch")
+    _step_with_local_grads(opt, params, ref, twins, seed=rank)
+    try:
+        opt.state_dict(compact=True)
+    except ValueError as error:
+        assert "param 0 of group 0" in str(error) and "compact=True" in str(error), error
+    else:
+        raise AssertionError("state_dict(compact=True) of int8 DTensor states did not raise")
+    assert isinstance(opt.state_dict()["state"][0]["exp_avg"], DTensor)
+    assert ref.state_dict(compact=True)["state"][0]["exp_avg"].dtype == torch.int8
+
+
 def int8_dcp_save(rank, world_size, shared_dir):
     """Train int8 states 3 steps on 2 ranks and save: DCP (the moments dense float32
     DTensors) and the full optimizer state (rank 0, torch.save)."""

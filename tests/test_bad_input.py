@@ -16,7 +16,7 @@ from conftest import DEVICE_BACKENDS
     (dict(betas=(0.9, -0.1)), "beta parameter at index 1"),
     (dict(betas=(0.9, torch.tensor(0.99))), "both floats or both Tensors"),
     (dict(lr=torch.tensor([1e-3, 2e-3])), "Tensor lr must be 1-element"),
-    (dict(differentiable=True), "differentiable"),
+    (dict(differentiable=True, state_dtype="int8"), "differentiable=True.*state_dtype"),
 ])
 @pytest.mark.parametrize("cls", ["Adam", "AdamW"])
 def test_invalid_hyperparameters(cls, kwargs, match):

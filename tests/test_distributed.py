@@ -38,6 +38,7 @@ WORLD_2 = [
     "readme_fsdp2_example",
     "int8_states_on_fsdp2",
     "fp8_states_on_fsdp2",
+    "compact_state_dict_refused_on_fsdp2",
     # the saves last: the load worlds below read what they wrote
     "int8_dcp_save",
     "dcp_save",

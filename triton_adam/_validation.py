@@ -15,7 +15,8 @@ from . import _distributed, _quantize
 
 
 def _as_number(value):
-    return float(value) if isinstance(value, Tensor) else value
+    # detached: a differentiable step's tensor hyperparameters may require grad
+    return float(value.detach()) if isinstance(value, Tensor) else value
 
 
 def to_scalar(value):

@@ -4,7 +4,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from . import _compile, _distributed, _precision, _quantize, _validation
+from . import _compile, _differentiable, _distributed, _precision, _quantize, _validation
 from ._distributed import local
 from ._plan import GradDtypeChanged, StepPlan, interpreter_enabled, state_key_names
 from ._steady_step import SteadyStep, group_flags
@@ -28,8 +28,12 @@ _COMMON_DOC = """
             never synchronizes with the host in either mode: step counts, bias corrections and
             the GradScaler's ``found_inf`` stay on the device.
         foreach, fused: accepted for compatibility and ignored; the step is always fused.
-        differentiable: refused when True (a ValueError): the kernels update in place outside
-            autograd.
+        differentiable (bool): autograd through the step, as torch's: such groups run torch's
+            own differentiable single-tensor Adam (not the fused kernels) on this optimizer's
+            state, and non-leaf params are accepted as torch accepts them. Not with
+            max_grad_norm, skip_nonfinite, fused=True or this package's other options
+            (eps_mode, bias_correction, weight_decay_mode, state_dtype, master_weights,
+            kahan_summation, stochastic_rounding at their defaults): a ValueError names them.
         max_grad_norm (float, optional): clip the grads' global 2-norm (over every param of
             the optimizer) to this, folded into the update: the step reads the grads once for
             the norm and once for the update and never rewrites them. Same result as
@@ -63,7 +67,9 @@ _COMMON_DOC = """
             any precision rung. ``state_dict()`` holds dense float32 moments (torch's form),
             ``state_dict(compact=True)`` the codes and scales. DTensor params are quantised in
             blocks of each rank's local shard (int8, fp8: the codes DTensors, the scales plain
-            local tensors; quantised or not by the whole param's numel).
+            local tensors; quantised or not by the whole param's numel), and
+            ``state_dict(compact=True)`` refuses them (a ValueError): a distributed checkpoint
+            would keep one rank's scales for all.
         min_quantized_numel (int): with quantised moments, params with fewer elements keep
             float32 moments (default 4096: biases and norms).
         quant_block_size (int, optional): elements per float32 scale of quantised moments,
@@ -128,9 +134,6 @@ class _FusedAdamBase(torch.optim.Optimizer):
         self.skip_nonfinite = bool(skip_nonfinite)
         self.last_grad_norm = None
         self.last_step_skipped = None
-        if differentiable:
-            raise ValueError("differentiable=True is not supported: triton-adam's kernels update "
-                             "params in place outside autograd; use torch.optim for that")
         _validation.check_hyperparameters(lr, betas, eps, weight_decay)
         betas = tuple(map(_validation.to_scalar, betas))
         self.backend = backend
@@ -139,7 +142,7 @@ class _FusedAdamBase(torch.optim.Optimizer):
         self._layout_version = 0
         defaults = dict(lr=lr, betas=betas, eps=eps, weight_decay=weight_decay, amsgrad=amsgrad,
                         maximize=maximize, foreach=foreach, capturable=capturable,
-                        differentiable=False, fused=fused,
+                        differentiable=differentiable, fused=fused,
                         decoupled_weight_decay=decoupled_weight_decay, eps_mode=eps_mode,
                         bias_correction=bias_correction, weight_decay_mode=weight_decay_mode,
                         state_dtype=state_dtype, master_weights=master_weights,
@@ -166,12 +169,16 @@ class _FusedAdamBase(torch.optim.Optimizer):
         _precision.check_options(merged.get("master_weights", False),
                                  merged.get("kahan_summation", False),
                                  merged.get("stochastic_rounding", False), merged.get("seed"))
+        _differentiable.check_group(self, merged, len(self.param_groups))
         if "betas" in param_group:
             param_group["betas"] = tuple(map(_validation.to_scalar, param_group["betas"]))
         super().add_param_group(param_group)
         group_index = len(self.param_groups) - 1
         try:
-            for position, param in enumerate(self.param_groups[-1]["params"]):
+            # torch's differentiable step takes any tensor (non-leaf, strided); the plan never
+            # sees these params
+            checked = [] if merged.get("differentiable") else self.param_groups[-1]["params"]
+            for position, param in enumerate(checked):
                 _validation.check_param(group_index, position, param)
         except (TypeError, ValueError):
             self.param_groups.pop()
@@ -232,8 +239,11 @@ class _FusedAdamBase(torch.optim.Optimizer):
                 a dense float32 ``master_param``). Only this package's ``load_state_dict`` reads
                 such a dict (into any storage mode: the next step decodes or re-lays the codes
                 where it must); torch's optimizers do not. int4's packed codes carry no layout:
-                a param not laid out row-major has its moments written dense.
+                a param not laid out row-major has its moments written dense. Refused (a
+                ValueError) for DTensor params with quantised moments (see state_dtype).
         """
+        if compact:
+            self._check_compact()
         saved = super().state_dict()
         # plain dicts, as torch's (ours count their changes, see _tracked_state; a checkpoint
         # must load with torch.load(weights_only=True) anywhere)
@@ -255,6 +265,26 @@ class _FusedAdamBase(torch.optim.Optimizer):
             if state is not live:
                 saved["state"][index] = _snapshot(state, live)
         return saved
+
+    def _check_compact(self) -> None:
+        """Refuse a compact state dict of DTensor params with quantised moments.
+
+        Their block scales are plain tensors of this rank's local shard (a DTensor cannot hold
+        them: each rank's blocks are its own shard's, not a slice of one global layout), and a
+        distributed checkpoint keeps a single rank's copy of a plain tensor: every other rank
+        would load that rank's scales, silently.
+        """
+        for gi, group in enumerate(self.param_groups):
+            for pi, param in enumerate(group["params"]):
+                state = self.state.get(param)
+                if state and _distributed.is_dtensor(param) and _quantize.is_quantized(state):
+                    raise ValueError(
+                        f"{_validation.describe(gi, pi, param)}: state_dict(compact=True) "
+                        "cannot hold the quantised moments of a DTensor param (their block "
+                        "scales are this rank's own, and a distributed checkpoint keeps one "
+                        "rank's copy of them); use state_dict() or torch.distributed."
+                        "checkpoint.state_dict.get_optimizer_state_dict, whose dense float32 "
+                        "moments are DTensors")
 
     def load_state_dict(self, state_dict: dict) -> None:
         """Load a state dict saved by this class or by torch.optim.Adam/AdamW (any device).
@@ -391,7 +421,7 @@ class _FusedAdamBase(torch.optim.Optimizer):
         Args:
             closure (callable, optional): re-evaluates the model and returns the loss.
         """
-        if torch.compiler.is_compiling():
+        if torch.compiler.is_compiling() and not _differentiable.any_group(self):
             # the whole step as one opaque custom op in the graph (see _compile)
             return _compile.compiled_step(self, closure)
         loss = None
@@ -428,6 +458,16 @@ class _FusedAdamBase(torch.optim.Optimizer):
         """The step with every check: the plan rebuilt if anything it depends on changed,
         every grad validated; then what it saw is recorded for the steady steps after it."""
         grads_by_group = [[p.grad for p in group["params"]] for group in self.param_groups]
+        differentiable = None
+        if _differentiable.any_group(self):
+            # torch's differentiable Adam for those groups, after the plan's (see _differentiable)
+            differentiable = _differentiable.DifferentiableStep(
+                self, grads_by_group, getattr(self, "grad_scale", None),
+                getattr(self, "found_inf", None))
+            if differentiable.covers_all:
+                differentiable.run()
+                return
+            grads_by_group = _differentiable.grads_for_plan(self, grads_by_group)
         if any(g is None for grads in grads_by_group for g in grads):
             # at every step with a missing grad, not only when the tables change: a model
             # whose params were all replaced leaves the tables as they were (no grads before
@@ -459,7 +499,11 @@ class _FusedAdamBase(torch.optim.Optimizer):
             # the next step checks everything again
             self._plan = None
             raise
-        self._plan.steady = SteadyStep(self, self._plan, bucket_grads)
+        if differentiable is not None:
+            differentiable.run()
+        else:
+            # (a step with differentiable groups is for meta-learning, not speed: always checked)
+            self._plan.steady = SteadyStep(self, self._plan, bucket_grads)
 
 
 # triton-adam's own group options (beyond torch.optim.Adam/AdamW's)
