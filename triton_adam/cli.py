@@ -224,9 +224,9 @@ def cmd_report(args: argparse.Namespace) -> int:
     table = Table(title="recorded bench runs",
                   caption="clip: the max norm of a clip + step run (torch providers: "
                           "clip_grad_norm_ then step; triton-adam: fused), - without clipping")
-    for col in ("device", "preset", "dtype", "provider", "clip", "step ms", "GB/s", "% copy",
-                "vs fused"):
-        table.add_column(col, justify="right" if col in ("step ms", "GB/s", "% copy", "vs fused") else "left")
+    numbers = ("step ms", "device ms", "host ms", "GB/s", "% copy", "vs fused")
+    for col in ("device", "preset", "dtype", "provider", "clip") + numbers:
+        table.add_column(col, justify="right" if col in numbers else "left")
     for path in args.files:
         try:
             records = _load_records(path)
@@ -241,6 +241,8 @@ def cmd_report(args: argparse.Namespace) -> int:
 
 def _add_report_rows(table, record: dict) -> None:
     """One row per measured provider of a record, with the run's clip max norm ("-": none)."""
+    from triton_adam.bench.report import device_cell
+
     dev = record["run"]["device_name"]
     clip = record["config"].get("max_grad_norm") if record["config"].get("clip") else None
     for r in record["results"]:
@@ -249,6 +251,8 @@ def _add_report_rows(table, record: dict) -> None:
         frac, vs = r.get("fraction_of_copy"), r.get("speedup_vs_fused")
         table.add_row(dev, r["preset"], r["dtype"], r["provider"],
                       "-" if clip is None else f"{clip:g}", f"{r['median_ms']:.3f}",
+                      device_cell(r),
+                      "n/a" if r.get("host_ms") is None else f"{r['host_ms']:.3f}",
                       "n/a" if r["gbps"] is None else f"{r['gbps']:.1f}",
                       "n/a" if frac is None else f"{100 * frac:.0f}",
                       "n/a" if vs is None else f"{vs:.2f}x")
