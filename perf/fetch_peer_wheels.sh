@@ -4,7 +4,7 @@
 # carries (`carry: [".whl"]`); perf/gpu_check.sh installs them offline with
 # `pip install --no-index --no-deps .whl/*.whl` and reports each peer's version or import error.
 #
-#   bash perf/fetch_peer_wheels.sh            # from the repo root; WHEEL_DIR=... to put them elsewhere
+#   bash perf/fetch_peer_wheels.sh      # from the repo root; WHEEL_DIR=... puts them elsewhere
 #
 # Versions are pinned (one version of each: two of one package stop the whole offline install):
 # each works with torch 2.11 (torchao 0.18 loads its C++ extensions from torch 2.11 on; the others

@@ -119,7 +119,8 @@ def results_table(record: Dict[str, Any]):
             vs = r.get("speedup_vs_fused")
             table.add_row(
                 r["preset"], r["dtype"], r["provider"], f"{r['median_ms']:.3f}",
-                device_cell(r), f"{r['host_ms']:.3f}", _fmt(r["gbps"], ".1f"), _fmt(None if frac is None else 100 * frac, ".0f"),
+                device_cell(r), f"{r['host_ms']:.3f}", _fmt(r["gbps"], ".1f"),
+                _fmt(None if frac is None else 100 * frac, ".0f"),
                 "n/a" if vs is None else f"{vs:.2f}x", _fmt(r.get("held_bytes_per_param"), ".2f"),
                 _fmt_bytes(r["peak_extra_bytes"]), note,
             )
