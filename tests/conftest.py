@@ -63,8 +63,12 @@ def pytest_configure(config):
         raise pytest.UsageError(message)
 
 
+@pytest.hookimpl(trylast=True)
 def pytest_collection_modifyitems(session, config, items):
-    """Run the ``aot`` tests last, and start their compile jobs now, in the background."""
+    """Run the ``aot`` tests last, and start their compile jobs now, in the background.
+
+    Last of the hooks: after ``-m``/``-k`` deselected items, so that ``-m cuda`` (the GPU
+    check's 8 test workers) starts no compile job for tests that will not run."""
     aot = [item for item in items if item.get_closest_marker("aot")]
     if aot:
         items[:] = [item for item in items if not item.get_closest_marker("aot")] + aot

@@ -506,3 +506,99 @@ def test_kernel_spec_names_the_master_mode():
     assert kernel_report.format_spec(spec) == "PARAM_DTYPE=bf16 MASTER=remainder"
     assert kernel_report.format_spec(dict(spec, MASTER=0, STOCHASTIC_ROUNDING=True)) == \
         "PARAM_DTYPE=bf16 STOCHASTIC_ROUNDING"
+
+
+class FakeGpu:
+    """A CUDA stream and host clock in simulated milliseconds, for ``time_steps(clock=...)``:
+    the host advances by the Python work it does; each kernel starts when the GPU is free and
+    the host has queued it; an event completes when the GPU reaches it."""
+
+    CYCLES_PER_MS = 1000.0
+
+    def __init__(self):
+        self.host = 0.0  # the host's clock
+        self.gpu_free = 0.0  # when the GPU has finished everything queued so far
+
+    def launch(self, kernel_ms: float, python_ms: float = 0.0) -> None:
+        self.host += python_ms
+        self.gpu_free = max(self.gpu_free, self.host) + kernel_ms
+
+    def event(self):
+        gpu = self
+
+        class Event:
+            def record(self):
+                gpu.gpu_free = max(gpu.gpu_free, gpu.host)
+                self.at = gpu.gpu_free
+
+            def query(self):
+                return self.at <= gpu.host
+
+            def elapsed_time(self, end):
+                return end.at - self.at
+
+        return Event()
+
+    def sleep(self, cycles):
+        self.launch(cycles / self.CYCLES_PER_MS)
+
+    def synchronize(self):
+        self.host = max(self.host, self.gpu_free)
+
+    def now_ms(self):
+        return self.host
+
+
+def test_device_time_leaves_out_the_launch_gaps_of_a_host_bound_step():
+    """3 kernels of 1 ms, each after 2 ms of Python: the idle GPU waits for the host (step time
+    7 ms, as the events around the step see it), while the kernels take 3 ms (device time, the
+    host ahead behind a GPU-side sleep) and step() 6 ms of host time."""
+    gpu = FakeGpu()
+
+    def step():
+        for _ in range(3):
+            gpu.launch(kernel_ms=1.0, python_ms=2.0)
+
+    t = timing.time_steps(step, torch.device("cpu"), warmup=1, repeats=4, clock=gpu)
+    assert t.median_ms == pytest.approx(7.0)
+    assert t.device_median_ms == pytest.approx(3.0) and t.device_min_ms == pytest.approx(3.0)
+    assert t.host_median_ms == pytest.approx(6.0)
+    assert t.host_ahead == 1.0
+
+
+def test_a_step_that_synchronises_is_flagged_not_ahead():
+    """A step that waits for the GPU inside (a norm read on the host) cannot get ahead of it:
+    every repeat says so, and the sleep stays bounded."""
+    gpu = FakeGpu()
+
+    def step():
+        gpu.launch(kernel_ms=1.0, python_ms=0.5)
+        gpu.synchronize()
+        gpu.launch(kernel_ms=1.0, python_ms=0.5)
+
+    t = timing.time_steps(step, torch.device("cpu"), warmup=1, repeats=6, clock=gpu)
+    assert t.host_ahead == 0.0
+    assert t.device_median_ms >= 2.0
+    assert gpu.host < 6 * 2 * timing.MAX_SLEEP_MS + 100  # the doubling stops at the cap
+
+
+def test_cpu_timing_gives_equal_step_device_and_host_times():
+    t = timing.time_steps(lambda: None, torch.device("cpu"), warmup=1, repeats=3)
+    assert t.median_ms == t.device_median_ms == t.host_median_ms and t.host_ahead is None
+
+
+def test_table_and_report_show_device_and_host_times(small_copy, capsys, tmp_path):
+    from triton_adam import cli
+
+    record = runner.run_bench(_quick_cfg(providers=["fused"]))
+    (row,) = record["results"]
+    assert row["device_ms"] == row["median_ms"] == row["host_ms"] and row["host_ahead"] is None
+    row.update(device_ms=1.25, host_ms=2.5, host_ahead=0.5)
+    report.print_results(record)
+    text = capsys.readouterr().out
+    assert "device ms" in text and "1.250*" in text and "2.500" in text
+    path = tmp_path / "r.json"
+    report.write_json(record, path)
+    assert cli.main(["report", str(path)]) == 0
+    text = capsys.readouterr().out
+    assert "device ms" in text and "1.250*" in text and "2.500" in text

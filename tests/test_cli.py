@@ -168,7 +168,7 @@ def test_kernels_prints_fake_compile_all(monkeypatch, capsys, tmp_path):
     monkeypatch.delenv("TRITON_INTERPRET", raising=False)  # restored after the test
     seen = {}
 
-    def fake_compile_all(target="sm_90", scope="all"):
+    def fake_compile_all(target="sm_90", scope="all", **options):
         seen["target"] = target
         return FAKE_KERNELS
 
@@ -194,6 +194,50 @@ def test_kernels_refuses_to_compile_under_the_interpreter(monkeypatch, capsys):
     monkeypatch.setenv("TRITON_INTERPRET", "1")
     assert cli.main(["kernels"]) == 1
     assert "TRITON_INTERPRET" in capsys.readouterr().out
+
+
+def test_kernels_default_scope_is_the_plain_roles_and_filters_pick_roles():
+    """`triton-adam kernels` alone compiles the plain roles (8, not 748); the role filters
+    select among every specialisation; an unknown role value is refused by name."""
+    from triton_adam import aot
+
+    default = aot.kernel_jobs("default")
+    assert len(default) == 8 and len(aot.kernel_jobs("all")) > 700
+    roles = [aot.role_of(spec) for name, spec, _ in default if name == "adam_step_kernel"]
+    assert {r["param"] for r in roles} == {"fp32", "bf16", "fp16"}
+    assert all((r["state"], r["master"], r["amsgrad"], r["amp"]) == (r["param"], "none", "off",
+                                                                      "none") for r in roles)
+    sr = aot.kernel_jobs("all", {"param": ["bf16"], "master": ["sr"], "amsgrad": ["on"]})
+    assert sr and all(spec["STOCHASTIC_ROUNDING"] and spec["AMSGRAD"]
+                      and spec["PARAM_DTYPE"] == "bf16" for _, spec, _ in sr)
+    int8 = aot.kernel_jobs("all", {"state": ["int8"]})
+    assert int8 and all(aot.role_of(spec)["state"] == "int8" for _, spec, _ in int8)
+    with pytest.raises(ValueError, match="choose from"):
+        aot.kernel_jobs("all", {"master": ["fp64"]})
+
+
+def test_kernels_compiles_a_filtered_role_in_parallel_with_progress(monkeypatch, capsys,
+                                                                     tmp_path):
+    """Two specialisations (fp32 plain, aligned or not) on two spawned compile processes,
+    through the command; the report names the process count and each row compiled."""
+    monkeypatch.delenv("TRITON_INTERPRET", raising=False)  # the spawned compilers inherit it
+    out = tmp_path / "k.json"
+    assert cli.main(["kernels", "--target", "sm_90", "--jobs", "2", "--param-dtype", "fp32",
+                     "--state-dtype", "fp32", "--master", "none", "--amsgrad", "off",
+                     "--amp", "none", "--json", str(out)]) == 0
+    captured = capsys.readouterr()
+    record = json.loads(out.read_text())
+    assert record["scope"] == "all" and record["filters"]["param"] == ["fp32"]
+    rows = record["kernels"]
+    assert [r["spec"]["ALIGNED"] for r in rows] == [True, False]
+    assert all(r["registers"] > 0 and r["name"] == "adam_step_kernel" for r in rows)
+    assert "2 specialisations" in captured.out
+
+
+def test_kernels_refuses_an_unknown_role(monkeypatch, capsys):
+    monkeypatch.delenv("TRITON_INTERPRET", raising=False)
+    assert cli.main(["kernels", "--master", "fp64"]) == 1
+    assert "choose from" in capsys.readouterr().out
 
 
 @pytest.mark.skipif(importlib.util.find_spec("triton_adam.aot") is None,

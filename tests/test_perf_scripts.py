@@ -83,3 +83,32 @@ def test_kernel_stats_models_the_default_quantised_launch():
     assert 60 < stats["instructions_per_element"] < 200
     # an AMP scale's division of the grad is code that a unit scale skips
     assert stats["instructions_per_element"] < stats["instructions_per_element_amp"]
+
+
+def test_profile_step_runs_one_step_after_its_warm_up(capsys):
+    """perf/gpu_check.sh wraps profile_step.py in ncu; without CUDA it still runs its steps."""
+    profile_step = _load("profile_step")
+    assert profile_step.main(["--preset", "smoke-cpu", "--dtype", "fp32", "--warmup", "1"]) == 0
+    assert "profiled one step: smoke-cpu fp32" in capsys.readouterr().out
+
+
+def test_peer_report_gives_each_peer_a_version_or_its_error(monkeypatch, tmp_path):
+    """A peer that is missing or refuses the device is a row with the reason, never a crash."""
+    from triton_adam.bench import providers as provs
+
+    def refuses(cfg):
+        def factory(params, c):
+            raise NotImplementedError("needs a CUDA device")
+        return factory
+
+    fake = [provs.BY_NAME["fused"], provs.BY_NAME["apex"],
+            provs.Provider("refuser", "refuses the device", refuses, "torch")]
+    monkeypatch.setattr(provs, "PROVIDERS", fake)
+    monkeypatch.setitem(sys.modules, "apex", None)  # import now raises ImportError
+    peer_report = _load("peer_report")
+    out = tmp_path / "peers.json"
+    assert peer_report.main(["--device", "cpu", "--json", str(out)]) == 0
+    rows = {row["provider"]: row for row in json.loads(out.read_text())}
+    assert set(rows) == {"apex", "refuser"}  # torch's own optimizers are no peers
+    assert rows["apex"]["version"] is None and "Error" in rows["apex"]["step"]
+    assert rows["refuser"]["step"] == "NotImplementedError: needs a CUDA device"

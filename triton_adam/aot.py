@@ -2,15 +2,19 @@
 
 ``compile_all("sm_90")`` compiles each specialisation the optimizer can launch with the real Triton
 compiler and ptxas that ship with triton, and reports registers, shared memory, spills, the widest
-global load/store and the PTX size. It must run in a process without ``TRITON_INTERPRET``.
+global load/store and the PTX size. It must run in a process without ``TRITON_INTERPRET``; with
+``workers`` > 1 it compiles in as many spawned processes (each imports the kernels afresh).
 """
 from __future__ import annotations
 
 import itertools
+import multiprocessing
 import re
 import subprocess
 import tempfile
+from concurrent.futures import ProcessPoolExecutor, as_completed
 from pathlib import Path
+from typing import Callable, Dict, Iterable, Optional
 
 from ._tables import (ALIGNED_TILE_SIZE, BLOCK_SIZE, NUM_WARPS, UNALIGNED_TILE_SIZE,
                       step_block_size, step_max_registers, step_num_warps, step_tile_size)
@@ -46,7 +50,39 @@ def dtype_roles():
 QUANT_FORMATS = {"int8": (int(moment_codes.QUANT_INT8), 256),
                  "int4": (int(moment_codes.QUANT_INT4), 128),
                  "fp8": (int(moment_codes.QUANT_FP8), 256)}
-SCOPES = ("all", "ci", "coverage")
+SCOPES = ("default", "all", "ci", "coverage")
+# The step kernel's roles a user picks, as ``role_of`` names them; ``compile_all(filters=)``
+# keeps the specialisations whose role is in each given set.
+ROLE_VALUES = {
+    "param": DTYPES,
+    "state": ("fp32", "bf16", "fp16", *QUANT_FORMATS),
+    "master": ("none", "fp32", "remainder", "kahan", "sr"),
+    "amsgrad": ("off", "on"),
+    "amp": tuple(AMP_MODES),
+}
+_MASTER_ROLES = {int(adam_step.MASTER_NONE): "none", int(adam_step.MASTER_FP32): "fp32",
+                 int(adam_step.MASTER_REMAINDER): "remainder",
+                 int(adam_step.MASTER_KAHAN): "kahan"}
+
+
+def role_of(spec: dict) -> dict:
+    """The step kernel specialisation's role in ROLE_VALUES' terms (stochastic rounding is a
+    "master" role: it replaces one)."""
+    quant = {code: name for name, (code, _) in QUANT_FORMATS.items()}
+    amp = {flags: name for name, flags in AMP_MODES.items()}
+    return {"param": spec["PARAM_DTYPE"],
+            "state": quant.get(spec["QUANT"], spec["STATE_DTYPE"]),
+            "master": "sr" if spec["STOCHASTIC_ROUNDING"] else _MASTER_ROLES[spec["MASTER"]],
+            "amsgrad": "on" if spec["AMSGRAD"] else "off",
+            "amp": amp[(spec["HAS_GRAD_SCALE"], spec["HAS_FOUND_INF"])]}
+
+
+def _plain(spec: dict) -> bool:
+    """The roles of ``triton_adam.AdamW(params)`` with every option left alone: moments and
+    grads in the params' dtype (not quantised), no master, no amsgrad, no AMP; either alignment."""
+    role = role_of(spec)
+    return (spec["STATE_DTYPE"] == spec["GRAD_DTYPE"] == role["state"] == role["param"]
+            and (role["master"], role["amsgrad"], role["amp"]) == ("none", "off", "none"))
 
 
 def _quantized_roles():
@@ -58,7 +94,8 @@ def _quantized_roles():
 def step_kernel_specs(scope: str = "all"):
     """The constexpr combinations of ``adam_step_kernel`` that the optimizer launches.
 
-    ``scope``: "all", every one (``triton-adam kernels``); "ci", every dense-moment one and
+    ``scope``: "default", the plain roles (``_plain``: what ``triton-adam kernels`` compiles
+    unless told more); "all", every one; "ci", every dense-moment one and
     those quantised ones that bound the others (amsgrad, float32 grads: the most registers;
     every format, param dtype, master and alignment; the other block sizes in the role with
     the most registers, as in "all"); "coverage" (the old-Triton lane of CI),
@@ -68,6 +105,9 @@ def step_kernel_specs(scope: str = "all"):
     """
     if scope not in SCOPES:
         raise ValueError(f"scope must be one of {SCOPES}, got {scope!r}")
+    if scope == "default":
+        yield from (spec for spec in step_kernel_specs("all") if _plain(spec))
+        return
     for (dtype, grad_dtype, state_dtype, master, stochastic), amsgrad, amp, aligned in \
             itertools.product(dtype_roles(), (False, True), AMP_MODES, (True, False)):
         if scope == "coverage" and (master or stochastic) and amp != "scale":
@@ -201,36 +241,94 @@ SEGMENTS_SIGNATURE = {"partials": "*fp32", "nonfinite_counts": "*i32",
                       "nonfinite_out": "*fp32"}
 
 
-def compile_all(target: str = "sm_90", scope: str = "all") -> list[dict]:
-    """Compile every specialisation for ``target`` ("sm_80", "sm_90", ...) and report on each
-    (``scope``: all, or the step kernel's reduced sets for CI, see ``step_kernel_specs``).
+# kernel name -> (function, signature); the jobs name their kernel so they pickle
+def _kernels() -> Dict[str, tuple]:
+    return {"adam_coefficients_kernel": (adam_step.adam_coefficients_kernel, COEF_SIGNATURE),
+            "adam_step_kernel": (adam_step.adam_step_kernel, STEP_SIGNATURE),
+            "grad_norm_partials_kernel": (grad_norm.grad_norm_partials_kernel,
+                                          PARTIALS_SIGNATURE),
+            "grad_norm_finalize_kernel": (grad_norm.grad_norm_finalize_kernel,
+                                          FINALIZE_SIGNATURE),
+            "grad_norm_segments_kernel": (grad_norm.grad_norm_segments_kernel,
+                                          SEGMENTS_SIGNATURE)}
+
+
+def kernel_jobs(scope: str = "all", filters: Optional[Dict[str, Iterable[str]]] = None):
+    """(kernel name, spec, num_warps) of each specialisation ``compile_all`` compiles.
+
+    ``scope`` as in ``step_kernel_specs``; "default" adds only the coefficient kernel without
+    AMP. ``filters`` (ROLE_VALUES' keys -> allowed values) keep the step kernel's matching
+    roles and leave out the other kernels, which have no such roles."""
+    filters = {k: set(v) for k, v in (filters or {}).items() if v}
+    for key, values in filters.items():
+        unknown = values - set(ROLE_VALUES.get(key, ()))
+        if key not in ROLE_VALUES or unknown:
+            raise ValueError(f"filter {key}={','.join(sorted(values))}: choose from "
+                             f"{', '.join(ROLE_VALUES.get(key, ROLE_VALUES))}")
+    jobs = [("adam_step_kernel", s, step_num_warps(s["QUANT"])) for s in step_kernel_specs(scope)
+            if all(role_of(s)[key] in values for key, values in filters.items())]
+    if filters:
+        return jobs
+    coefficients = [s for s in coefficient_kernel_specs()
+                    if scope != "default" or not s["HAS_FOUND_INF"]]
+    jobs = [("adam_coefficients_kernel", s, 4) for s in coefficients] + jobs
+    if scope == "default":
+        return jobs
+    jobs += [("grad_norm_partials_kernel", s, NUM_WARPS) for s in grad_norm_partials_specs(scope)]
+    jobs += [("grad_norm_finalize_kernel", s, 4) for s in grad_norm_finalize_specs()]
+    jobs += [("grad_norm_segments_kernel", s, 4) for s in grad_norm_segments_specs()]
+    return jobs
+
+
+def compile_job(job: tuple, arch: int) -> dict:
+    """Compile one ``kernel_jobs`` entry for ``sm_<arch>`` and report on it (see compile_all)."""
+    name, spec, num_warps = job
+    fn, signature = _kernels()[name]
+    # quantised step kernels launch with a register ceiling (see _tables)
+    maxnreg = step_max_registers(spec.get("QUANT", 0), spec.get("ALIGNED", True))
+    compiled = _compile(fn, signature, spec, arch, num_warps, maxnreg)
+    ptx = compiled.asm["ptx"]
+    report = {"name": name, "spec": spec, "target": f"sm_{arch}", "num_warps": num_warps,
+              "shared_bytes": int(compiled.metadata.shared),
+              "ld_vector_width": _vector_width(ptx, "ld"),
+              "st_vector_width": _vector_width(ptx, "st"),
+              "ptx_bytes": len(ptx.encode()), "ptx": ptx}
+    report.update(_ptxas_report(ptx, arch))
+    return report
+
+
+def compile_all(target: str = "sm_90", scope: str = "all",
+                filters: Optional[Dict[str, Iterable[str]]] = None, workers: int = 1,
+                on_start: Optional[Callable[[int], None]] = None,
+                on_done: Optional[Callable[[dict], None]] = None) -> list[dict]:
+    """Compile every specialisation of ``scope`` (and ``filters``, see ``kernel_jobs``) for
+    ``target`` ("sm_80", "sm_90", ...) and report on each, in ``kernel_jobs`` order.
+
+    ``workers`` > 1 compiles in that many spawned processes (they start without the parent's
+    imports, so kernels the parent loaded under the interpreter do not leak in; the process
+    environment must not set ``TRITON_INTERPRET``). ``on_start(n_jobs)`` is called once the jobs
+    are known, ``on_done(report)`` as each compile ends (a progress bar).
 
     Returns one dict per kernel: name, spec, registers, shared_bytes, spill_bytes, stack_bytes,
     ld_vector_width, st_vector_width (widest ``ld/st.global.vN``, 1 when scalar), ptx_bytes,
     and the PTX itself under ``ptx``.
     """
     arch = _parse_target(target)
-    jobs = [("adam_coefficients_kernel", adam_step.adam_coefficients_kernel, COEF_SIGNATURE, s, 4)
-            for s in coefficient_kernel_specs()]
-    jobs += [("adam_step_kernel", adam_step.adam_step_kernel, STEP_SIGNATURE, s,
-              step_num_warps(s["QUANT"])) for s in step_kernel_specs(scope)]
-    jobs += [("grad_norm_partials_kernel", grad_norm.grad_norm_partials_kernel,
-              PARTIALS_SIGNATURE, s, NUM_WARPS) for s in grad_norm_partials_specs(scope)]
-    jobs += [("grad_norm_finalize_kernel", grad_norm.grad_norm_finalize_kernel,
-              FINALIZE_SIGNATURE, s, 4) for s in grad_norm_finalize_specs()]
-    jobs += [("grad_norm_segments_kernel", grad_norm.grad_norm_segments_kernel,
-              SEGMENTS_SIGNATURE, s, 4) for s in grad_norm_segments_specs()]
-    reports = []
-    for name, fn, signature, spec, num_warps in jobs:
-        # quantised step kernels launch with a register ceiling (see _tables)
-        maxnreg = step_max_registers(spec.get("QUANT", 0), spec.get("ALIGNED", True))
-        compiled = _compile(fn, signature, spec, arch, num_warps, maxnreg)
-        ptx = compiled.asm["ptx"]
-        report = {"name": name, "spec": spec, "target": f"sm_{arch}", "num_warps": num_warps,
-                  "shared_bytes": int(compiled.metadata.shared),
-                  "ld_vector_width": _vector_width(ptx, "ld"),
-                  "st_vector_width": _vector_width(ptx, "st"),
-                  "ptx_bytes": len(ptx.encode()), "ptx": ptx}
-        report.update(_ptxas_report(ptx, arch))
-        reports.append(report)
+    jobs = kernel_jobs(scope, filters)
+    if on_start is not None:
+        on_start(len(jobs))
+    done = on_done or (lambda _report: None)
+    if workers <= 1 or len(jobs) <= 1:
+        reports = []
+        for job in jobs:
+            reports.append(compile_job(job, arch))
+            done(reports[-1])
+        return reports
+    reports = [None] * len(jobs)
+    context = multiprocessing.get_context("spawn")
+    with ProcessPoolExecutor(max_workers=min(workers, len(jobs)), mp_context=context) as pool:
+        futures = {pool.submit(compile_job, job, arch): i for i, job in enumerate(jobs)}
+        for future in as_completed(futures):
+            reports[futures[future]] = future.result()
+            done(reports[futures[future]])
     return reports

@@ -97,6 +97,11 @@ def cmd_bench(args: argparse.Namespace) -> int:
 
 
 # ---------------------------------------------------------------- kernels
+# `kernels` options that filter the step kernel's roles -> triton_adam.aot.ROLE_VALUES' keys
+KERNEL_FILTERS = {"param_dtype": "param", "state_dtype": "state", "master": "master",
+                  "amsgrad": "amsgrad", "amp": "amp"}
+
+
 def cmd_kernels(args: argparse.Namespace) -> int:
     # AOT compilation must not run under the interpreter; drop the flag before triton loads.
     if os.environ.get("TRITON_INTERPRET", "0") not in ("", "0"):
@@ -104,23 +109,48 @@ def cmd_kernels(args: argparse.Namespace) -> int:
             _error("TRITON_INTERPRET is set and triton is already imported; unset it and rerun")
             return 1
         del os.environ["TRITON_INTERPRET"]
-    from triton_adam.bench.kernel_report import KernelReportUnavailable, kernels_table, load_compile_all
+    from triton_adam.bench.console import job_progress
+    from triton_adam.bench.kernel_report import (KernelReportUnavailable, format_spec,
+                                                 kernels_table, load_compile_all)
 
     try:
         compile_all = load_compile_all()
     except KernelReportUnavailable as exc:
         _error(str(exc))
         return EXIT_UNAVAILABLE
-    rows = compile_all(target=args.target, scope=args.scope)
+    filters = {role: _csv(getattr(args, option)) for option, role in KERNEL_FILTERS.items()
+               if getattr(args, option)}
+    scope = args.scope or ("all" if filters else "default")
+    workers = args.jobs or os.cpu_count() or 1
+    console = _console()
+    try:
+        with job_progress(console) as (start, done):
+            rows = compile_all(
+                target=args.target, scope=scope, filters=filters, workers=workers,
+                on_start=lambda n: start(n, f"compiling {n} specialisations for {args.target} "
+                                            f"on {min(workers, max(n, 1))} processes"),
+                on_done=lambda row: done(f"{row['name']} {format_spec(row['spec'])}"))
+    except ValueError as exc:
+        _error(str(exc))
+        return 1
+    if not rows:
+        _error(f"no specialisation of scope {scope} matches the filters {filters}")
+        return 1
     try:
         table = kernels_table(rows, args.target)
     except ValueError as exc:
         _error(str(exc))
         return 1
-    _console().print(table)
+    console.print(table)
+    if scope == "default":
+        console.print("[dim]the plain roles (moments and grads in the params' dtype, no master, "
+                      "amsgrad or AMP); --scope all for every specialisation, or filter by "
+                      "--param-dtype, --state-dtype, --master, --amsgrad, --amp[/dim]",
+                      highlight=False)
     if args.json:
         with open(args.json, "w") as f:
-            json.dump({"target": args.target, "kernels": rows}, f, indent=2, default=str)
+            json.dump({"target": args.target, "scope": scope, "filters": filters,
+                       "kernels": rows}, f, indent=2, default=str)
     return 0
 
 
@@ -224,9 +254,9 @@ def cmd_report(args: argparse.Namespace) -> int:
     table = Table(title="recorded bench runs",
                   caption="clip: the max norm of a clip + step run (torch providers: "
                           "clip_grad_norm_ then step; triton-adam: fused), - without clipping")
-    for col in ("device", "preset", "dtype", "provider", "clip", "step ms", "GB/s", "% copy",
-                "vs fused"):
-        table.add_column(col, justify="right" if col in ("step ms", "GB/s", "% copy", "vs fused") else "left")
+    numbers = ("step ms", "device ms", "host ms", "GB/s", "% copy", "vs fused")
+    for col in ("device", "preset", "dtype", "provider", "clip") + numbers:
+        table.add_column(col, justify="right" if col in numbers else "left")
     for path in args.files:
         try:
             records = _load_records(path)
@@ -241,6 +271,8 @@ def cmd_report(args: argparse.Namespace) -> int:
 
 def _add_report_rows(table, record: dict) -> None:
     """One row per measured provider of a record, with the run's clip max norm ("-": none)."""
+    from triton_adam.bench.report import device_cell
+
     dev = record["run"]["device_name"]
     clip = record["config"].get("max_grad_norm") if record["config"].get("clip") else None
     for r in record["results"]:
@@ -249,6 +281,8 @@ def _add_report_rows(table, record: dict) -> None:
         frac, vs = r.get("fraction_of_copy"), r.get("speedup_vs_fused")
         table.add_row(dev, r["preset"], r["dtype"], r["provider"],
                       "-" if clip is None else f"{clip:g}", f"{r['median_ms']:.3f}",
+                      device_cell(r),
+                      "n/a" if r.get("host_ms") is None else f"{r['host_ms']:.3f}",
                       "n/a" if r["gbps"] is None else f"{r['gbps']:.1f}",
                       "n/a" if frac is None else f"{100 * frac:.0f}",
                       "n/a" if vs is None else f"{vs:.2f}x")
@@ -297,9 +331,18 @@ def build_parser() -> argparse.ArgumentParser:
     k = sub.add_parser("kernels", help="compile every kernel specialisation ahead of time and "
                                        "print registers, spills, vector widths, PTX size")
     k.add_argument("--target", default="sm_90")
-    k.add_argument("--scope", choices=("all", "ci", "coverage"), default="all",
-                   help="all: every specialisation the optimizer can launch; ci, coverage: "
+    k.add_argument("--scope", choices=("default", "all", "ci", "coverage"),
+                   help="default (without filters): the plain roles, moments and grads in the "
+                        "params' dtype, no master, amsgrad or AMP; all (the default with "
+                        "filters): every specialisation the optimizer can launch; ci, coverage: "
                         "the reduced sets CI compiles (see triton_adam.aot.step_kernel_specs)")
+    k.add_argument("--jobs", type=int, help="compile processes (default: every core)")
+    k.add_argument("--param-dtype", help="only these param dtypes: fp32,bf16,fp16")
+    k.add_argument("--state-dtype", help="only these moments: fp32,bf16,fp16,int8,int4,fp8")
+    k.add_argument("--master", help="only these: none,fp32,remainder,kahan,sr (stochastic "
+                                    "rounding)")
+    k.add_argument("--amsgrad", help="off, on or off,on")
+    k.add_argument("--amp", help="only these AMP modes: none,found_inf,scale")
     k.add_argument("--json", help="also write the rows as JSON here")
     k.set_defaults(func=cmd_kernels)
 

@@ -106,3 +106,38 @@ def progress_bar(console, total: int) -> Iterator[Callable[[str], None]]:
 
         yield tick
         progress.update(task, completed=total)
+
+
+@contextmanager
+def job_progress(console) -> Iterator[tuple]:
+    """Yields ``(start, done)`` for jobs whose number is known only once they are listed:
+    ``start(total, description)`` once, then ``done(description)`` as each job ends (in any
+    order). A rich bar on a terminal; without rich, one line per finished job."""
+    if not HAVE_RICH:
+        state = {"n": 0, "total": 0}
+
+        def start_plain(total: int, msg: str) -> None:
+            state["total"] = total
+            print(msg, file=sys.stderr, flush=True)
+
+        def done_plain(msg: str) -> None:
+            state["n"] += 1
+            print(f"[{state['n']}/{state['total']}] {msg}", file=sys.stderr, flush=True)
+
+        yield start_plain, done_plain
+        return
+
+    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+
+    columns = (TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(),
+               TimeElapsedColumn())
+    with Progress(*columns, console=console, transient=True) as progress:
+        task = progress.add_task("listing", total=None)
+
+        def start(total: int, msg: str) -> None:
+            progress.update(task, total=total, description=msg)
+
+        def done(msg: str) -> None:
+            progress.update(task, advance=1, description=msg)
+
+        yield start, done

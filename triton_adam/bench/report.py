@@ -11,7 +11,8 @@ from .console import make_console, make_table
 # Keys every result row carries, by status; tests check records against these.
 ROW_KEYS = {"preset", "dtype", "provider", "description", "version", "status"}
 OK_KEYS = ROW_KEYS | {
-    "median_ms", "min_ms", "max_ms", "host_ms", "repeats", "peak_extra_bytes",
+    "median_ms", "min_ms", "max_ms", "host_ms", "device_ms", "device_min_ms", "host_ahead",
+    "repeats", "peak_extra_bytes",
     "bytes_per_step", "bytes_source", "gbps", "fraction_of_copy", "speedup_vs_fused",
     "speedup_vs_triton_adam", "held_bytes", "held_bytes_per_param",
     "clip", "grad_norm", "step_backend",
@@ -72,6 +73,16 @@ def row_note(r: Dict[str, Any]) -> str:
     return "; ".join(notes)
 
 
+def device_cell(r: Dict[str, Any]) -> str:
+    """The device time with the host ahead; "*" marks a median taken over repeats where the
+    host did not always get ahead (the step synchronises inside: launch gaps are counted);
+    "n/a" for records from before it was measured."""
+    if r.get("device_ms") is None:
+        return "n/a"
+    ahead = r.get("host_ahead")
+    return f"{r['device_ms']:.3f}" + ("*" if ahead is not None and ahead < 1 else "")
+
+
 def results_table(record: Dict[str, Any]):
     """One row per (preset, dtype, provider); skipped and failed providers show their reason."""
     run = record["run"]
@@ -88,12 +99,15 @@ def results_table(record: Dict[str, Any]):
     if precision:
         title += f", {precision}"
     caption = (f"copy bandwidth {copy['gbps']:.1f} GB/s (read+write)" if copy else "copy bandwidth n/a")
+    caption += ("; device ms: the kernels with the host ahead (* not every repeat: the step "
+                "synchronises)")
     if record.get("interrupted"):
         caption += " - INTERRUPTED, partial results"
     table = make_table(title=title, caption=caption)
     for col, kw in (
         ("preset", {}), ("dtype", {}), ("provider", {}), ("step ms", {"justify": "right"}),
-        ("host ms", {"justify": "right"}), ("GB/s", {"justify": "right"}),
+        ("device ms", {"justify": "right"}), ("host ms", {"justify": "right"}),
+        ("GB/s", {"justify": "right"}),
         ("% copy", {"justify": "right"}), ("vs fused", {"justify": "right"}),
         ("held B/param", {"justify": "right"}), ("peak extra", {"justify": "right"}), ("note", {}),
     ):
@@ -104,14 +118,15 @@ def results_table(record: Dict[str, Any]):
             frac = r.get("fraction_of_copy")
             vs = r.get("speedup_vs_fused")
             table.add_row(
-                r["preset"], r["dtype"], r["provider"], f"{r['median_ms']:.3f}", f"{r['host_ms']:.3f}",
-                _fmt(r["gbps"], ".1f"), _fmt(None if frac is None else 100 * frac, ".0f"),
+                r["preset"], r["dtype"], r["provider"], f"{r['median_ms']:.3f}",
+                device_cell(r), f"{r['host_ms']:.3f}", _fmt(r["gbps"], ".1f"),
+                _fmt(None if frac is None else 100 * frac, ".0f"),
                 "n/a" if vs is None else f"{vs:.2f}x", _fmt(r.get("held_bytes_per_param"), ".2f"),
                 _fmt_bytes(r["peak_extra_bytes"]), note,
             )
         elif r["status"] == "error":
-            table.add_row(r["preset"], r["dtype"], r["provider"], "-", "-", "-", "-", "-", "-", "-",
-                          f"error: {r['reason']}", style="red")
+            table.add_row(r["preset"], r["dtype"], r["provider"], "-", "-", "-", "-", "-", "-",
+                          "-", "-", f"error: {r['reason']}", style="red")
     return table
 
 
@@ -190,6 +205,8 @@ def write_plot(record: Dict[str, Any], path: os.PathLike) -> Path:
             if frac is not None:
                 label += f"  ({100 * frac:.0f}% of copy)"
             label += f"  {r['median_ms']:.2f} ms"
+            if r.get("device_ms") is not None and r["device_ms"] != r["median_ms"]:
+                label += f" (device {r['device_ms']:.2f}, host {r['host_ms']:.2f})"
             ax.text(bar.get_width(), bar.get_y() + bar.get_height() / 2, label, va="center",
                     fontsize=8)
         if copy_gbps:

@@ -22,7 +22,9 @@ DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 # 2: rows carry "clip", "grad_norm", "step_backend"; config "clip".
 # 3: rows carry "version"; measured rows "held_bytes", "held_bytes_per_param",
 #    "speedup_vs_triton_adam".
-SCHEMA_VERSION = 3
+# 4: measured rows carry "device_ms", "device_min_ms" (the step's kernels with the host ahead of
+#    the GPU) and "host_ahead" (timing.py).
+SCHEMA_VERSION = 4
 # With --clip, the grads' global norm is at least this many times the max norm (clip factor <= 1/4).
 CLIP_MARGIN = 4.0
 
@@ -170,6 +172,9 @@ def _run_one(provider, factory, shapes, dtype, device, cfg: BenchConfig) -> Dict
         "min_ms": t.min_ms,
         "max_ms": t.max_ms,
         "host_ms": t.host_median_ms,
+        "device_ms": t.device_median_ms,  # the kernels alone: the host queued ahead of the GPU
+        "device_min_ms": t.device_min_ms,
+        "host_ahead": t.host_ahead,  # fraction of repeats where it did; None on a CPU
         "repeats": t.repeats,
         "peak_extra_bytes": t.peak_extra_bytes,
         "bytes_per_step": nbytes,
@@ -246,8 +251,11 @@ def run_bench(
                        else None},
         "timing_note": (
             "median over repeats after warm-up; CUDA events + synchronize on GPU, "
-            "perf_counter on CPU; host_ms is the wall time of step() without synchronizing "
-            "(equal to step time on CPU); peak_extra_bytes is null on CPU (not measurable)"
+            "perf_counter on CPU; host_ms is the wall time of step() without synchronizing; "
+            "device_ms is the events' time with a GPU-side sleep queued before the start "
+            "event, so the step's launches queue up behind it and the Python between them is "
+            "not counted (host_ahead: the fraction of repeats where the host did get ahead); "
+            "on CPU host_ms = device_ms = step time; peak_extra_bytes is null on CPU"
         ),
         "presets": {},
         "copy_bandwidth": None,

@@ -1,10 +1,19 @@
 """Timing of optimizer steps and of the device's copy bandwidth.
 
-GPU: CUDA events around each step, with a synchronize before reading them (the
-``triton.testing.do_bench`` approach, minus its L2 flush: the step's working set is far larger
-than L2 for the real presets). Host time is the wall time of the ``step()`` call itself without
-synchronising, i.e. what the Python side costs before the GPU work is queued.
-CPU: ``time.perf_counter`` around each step; the call is synchronous, so host time = step time.
+GPU, three figures per step, each the median over the timed repeats:
+- step time: CUDA events recorded just before and after ``step()`` (the ``triton.testing.do_bench``
+  approach, minus its L2 flush: the real presets' working set is far larger than L2). The GPU is
+  idle when the start event is recorded, so a host-bound step's launch gaps count: this is the
+  time a training loop that waits for its step sees.
+- device time: the same events with the host ahead of the GPU. A GPU-side sleep
+  (``torch.cuda._sleep``) queued before the start event holds the GPU until every launch of the
+  step is queued behind it, so the events measure the kernels alone and not the Python between
+  them. ``host_ahead`` says in what fraction of the repeats the host did finish queuing before
+  the sleep ran out (a step that synchronises inside, e.g. reading a norm on the host, cannot
+  be); the sleep grows when it ran out too soon.
+- host time: the wall time of the ``step()`` call without synchronising, i.e. what the Python
+  side costs before the GPU work is queued.
+CPU: ``time.perf_counter`` around each step; the call is synchronous, so all three are equal.
 """
 from __future__ import annotations
 
@@ -14,6 +23,13 @@ from dataclasses import dataclass
 from typing import Callable, List, Optional
 
 import torch
+
+# The sleep covers this many times the longest host time seen in the step-time repeats (plus
+# SLEEP_MARGIN_MS), doubling after a repeat where it ran out first, up to MAX_SLEEP_MS.
+SLEEP_HOST_FACTOR = 2.0
+SLEEP_MARGIN_MS = 0.5
+MAX_SLEEP_MS = 500.0
+CALIBRATION_CYCLES = 2_000_000
 
 
 @dataclass
@@ -26,11 +42,75 @@ class StepTiming:
     host_median_ms: float
     repeats: int
     peak_extra_bytes: Optional[int]  # None where it cannot be measured (CPU)
+    device_median_ms: float  # with the host ahead of the GPU (= median_ms on a CPU)
+    device_min_ms: float
+    host_ahead: Optional[float]  # fraction of device-time repeats with the host ahead; None: CPU
+
+
+class CudaClock:
+    """What ``time_steps`` needs from CUDA: timing events, a GPU-side sleep, a synchronize and
+    the host's clock. The tests inject a fake with the same methods to check the logic on CPU."""
+
+    def __init__(self, device: torch.device):
+        self.device = device
+
+    def event(self):
+        """A timing event with ``record()``, ``query()`` and ``elapsed_time(end)`` (ms)."""
+        return torch.cuda.Event(enable_timing=True)
+
+    def sleep(self, cycles: int) -> None:
+        """Queue a kernel that spins for ``cycles`` GPU clock cycles."""
+        torch.cuda._sleep(int(cycles))
+
+    def synchronize(self) -> None:
+        torch.cuda.synchronize(self.device)
+
+    def now_ms(self) -> float:
+        return time.perf_counter() * 1e3
 
 
 def _sync(device: torch.device) -> None:
     if device.type == "cuda":
         torch.cuda.synchronize(device)
+
+
+def _cycles_per_ms(clock) -> float:
+    """GPU clock cycles per millisecond of ``clock.sleep``, measured with events."""
+    clock.synchronize()
+    start, end = clock.event(), clock.event()
+    start.record()
+    clock.sleep(CALIBRATION_CYCLES)
+    end.record()
+    clock.synchronize()
+    return CALIBRATION_CYCLES / max(start.elapsed_time(end), 1e-6)
+
+
+def _event_repeats(clock, step, before_each, repeats, sleep_ms: Optional[float] = None):
+    """Time ``repeats`` steps with events: (elapsed ms, host ms, host ahead) per repeat.
+
+    With ``sleep_ms``, a GPU-side sleep before the start event keeps the GPU behind the host;
+    a repeat where the start event has already passed when ``step()`` returns had the host
+    behind, and the sleep doubles for the next one."""
+    cycles_per_ms = _cycles_per_ms(clock) if sleep_ms is not None else 0.0
+    elapsed, host, ahead = [], [], []
+    for _ in range(repeats):
+        if before_each is not None:
+            before_each()
+        start, end = clock.event(), clock.event()
+        if sleep_ms is not None:
+            clock.sleep(sleep_ms * cycles_per_ms)
+        start.record()
+        t0 = clock.now_ms()
+        step()
+        host.append(clock.now_ms() - t0)
+        if sleep_ms is not None:
+            ahead.append(not start.query())  # still asleep: every launch was queued first
+            if not ahead[-1]:
+                sleep_ms = min(2 * sleep_ms, MAX_SLEEP_MS)
+        end.record()
+        clock.synchronize()
+        elapsed.append(start.elapsed_time(end))
+    return elapsed, host, ahead
 
 
 def time_steps(
@@ -39,10 +119,13 @@ def time_steps(
     warmup: int,
     repeats: int,
     before_each: Optional[Callable[[], None]] = None,
+    clock=None,
 ) -> StepTiming:
     """Run ``step`` ``warmup`` times untimed, then ``repeats`` times timed; return medians.
 
     ``before_each`` runs outside the timed region before every step (e.g. to refresh grads).
+    On CUDA (or with a ``clock``, see ``CudaClock``) the timed repeats run twice: for the step
+    time, then with the host ahead for the device time (module docstring).
     Peak extra memory is ``max_memory_allocated`` during the timed steps minus what was
     allocated before them, so state created by the first (warm-up) step is not counted.
     """
@@ -51,41 +134,39 @@ def time_steps(
             before_each()
         step()
     _sync(device)
+    if clock is None and device.type == "cuda":
+        clock = CudaClock(device)
 
-    device_ms: List[float] = []
-    host_ms: List[float] = []
     peak: Optional[int] = None
-    if device.type == "cuda":
-        base = torch.cuda.memory_allocated(device)
-        torch.cuda.reset_peak_memory_stats(device)
-        start = torch.cuda.Event(enable_timing=True)
-        end = torch.cuda.Event(enable_timing=True)
+    if clock is None:
+        step_ms: List[float] = []
         for _ in range(repeats):
             if before_each is not None:
                 before_each()
-            start.record()
             t0 = time.perf_counter()
             step()
-            host_ms.append((time.perf_counter() - t0) * 1e3)
-            end.record()
-            end.synchronize()
-            device_ms.append(start.elapsed_time(end))
-        peak = torch.cuda.max_memory_allocated(device) - base
+            step_ms.append((time.perf_counter() - t0) * 1e3)
+        host_ms, device_ms, ahead = list(step_ms), list(step_ms), None
     else:
-        for _ in range(repeats):
-            if before_each is not None:
-                before_each()
-            t0 = time.perf_counter()
-            step()
-            device_ms.append((time.perf_counter() - t0) * 1e3)
-        host_ms = list(device_ms)
+        if device.type == "cuda":
+            base = torch.cuda.memory_allocated(device)
+            torch.cuda.reset_peak_memory_stats(device)
+        step_ms, host_ms, _ = _event_repeats(clock, step, before_each, repeats)
+        sleep_ms = SLEEP_HOST_FACTOR * max(host_ms) + SLEEP_MARGIN_MS
+        device_ms, _, flags = _event_repeats(clock, step, before_each, repeats, sleep_ms)
+        ahead = sum(flags) / len(flags)
+        if device.type == "cuda":
+            peak = torch.cuda.max_memory_allocated(device) - base
     return StepTiming(
-        median_ms=statistics.median(device_ms),
-        min_ms=min(device_ms),
-        max_ms=max(device_ms),
+        median_ms=statistics.median(step_ms),
+        min_ms=min(step_ms),
+        max_ms=max(step_ms),
         host_median_ms=statistics.median(host_ms),
         repeats=repeats,
         peak_extra_bytes=peak,
+        device_median_ms=statistics.median(device_ms),
+        device_min_ms=min(device_ms),
+        host_ahead=ahead,
     )
 
 
