@@ -8,17 +8,17 @@ grads' contents, and often in the grads' objects and addresses (``zero_grad(set_
 * the param groups' lists and flags, and every param's (local) address;
 * that no state dict changed (``_tracked_state.EPOCH``: O(1), whatever the number of tensors);
 * the grads: the same objects as last step (weak references, so a freed grad is never kept
-  alive) at the same addresses; or, for new grad objects, the same dtypes, strides, element
-  counts and devices as the checked ones (one C-level pass each, ``map`` over the list).
+  alive) at the same addresses; or, for moved or new grad objects, the same dtypes, layouts,
+  element counts and devices as the checked ones (one C-level pass each, ``map`` over a list).
 
 Each comparison is one pass over a list in C (``list(map(...))`` and ``==`` on lists of ints
 and interned objects), never a Python call per tensor. Anything that differs sends the step to
-the fully checked path (``optimizer._slow_step``), which raises the clear errors, redistributes,
+the fully checked path (``optimizer._checked_step``), which raises the clear errors, redistributes,
 copies or rebuilds as before; so a steady step can only be faster, never less checked in what
-it launches with. What is not compared is what torch itself pins for the lifetime of a grad
-object (a grad's size, dtype and device are checked by the ``.grad`` setter and by autograd
-when it is assigned; a grad object validated once is re-checked in full when its address
-changes, which is how ``.data =`` swaps show).
+it launches with, with one exception: a grad object already checked, at the same address, is not
+read again, so an in-place change of its shape that keeps its memory (``resize_`` to fewer
+elements, ``t_()``, ``as_strided_``) goes unseen; the checked path compared every grad's element
+count at every step.
 """
 from __future__ import annotations
 
@@ -77,11 +77,11 @@ def _metadata(grads) -> tuple:
 
 
 def _new_grad_metadata(grads, strided) -> tuple:
-    """What may differ between a new grad object and the one checked before it: its dtype
-    (a param's ``grad_dtype`` may change) and its memory layout (autograd's strides follow the
-    computation). Size and device were checked by torch when the grad was assigned. Bools,
-    not stride tuples, for the contiguous ones: no allocation per tensor."""
+    """The same properties for grad objects not seen before, with bools (contiguous or not)
+    where contiguity pins the layout: no stride tuple allocated per tensor. (torch's ``.grad``
+    setter checks size, dtype and device at assignment, but ``.data =`` after it does not.)"""
     return (list(map(_DTYPE, grads)), list(map(Tensor.is_contiguous, grads)),
+            list(map(Tensor.numel, grads)), list(map(Tensor.get_device, grads)),
             [grads[i].stride() for i in strided])
 
 

@@ -49,6 +49,8 @@ def cmd_bench(args: argparse.Namespace) -> int:
 
     if args.fsdp2 is not None:
         return cmd_bench_fsdp2(args)
+    if args.host:
+        return cmd_bench_host(args)
     if args.clip is not None and not (math.isfinite(args.clip) and args.clip > 0):
         _error(f"--clip must be a finite max norm > 0, got {args.clip}")
         return 1
@@ -248,6 +250,37 @@ def cmd_bench_fsdp2(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_bench_host(args: argparse.Namespace) -> int:
+    """Host time of step() per tensor, launches stubbed, beside torch fused (bench/host.py)."""
+    from triton_adam.bench import env
+    from triton_adam.bench.console import make_table
+    from triton_adam.bench.host import HostBenchConfig, run
+
+    import torch
+
+    config = HostBenchConfig(tensors=1024 if args.quick else 4096,
+                             warmup=1 if args.quick else 3,
+                             repeats=max(args.steps or (20 if args.quick else 30), 20))
+    record = run(config)
+    record["run"] = env.run_metadata(torch.device("cpu"))
+    table = make_table(title=f"step() host time: {config.tensors} float32 tensors of "
+                             f"{config.numel} elements (thread CPU time, median of "
+                             f"{config.repeats} steps)",
+                       caption="triton-adam with its launches stubbed (the host's share of a GPU "
+                               "step); torch fused: its whole CPU step, kernel work included")
+    for col in ("provider", "mode", "µs / tensor", "first step µs / tensor",
+                "torch fused / this"):
+        table.add_column(col, justify="left" if col in ("provider", "mode") else "right")
+    for r in record["results"]:
+        table.add_row(r["provider"], r["mode"], f"{r['us_per_tensor']:.3f}",
+                      f"{r['first_us_per_tensor']:.1f}", f"{r['torch_fused_over_this']:.1f}x")
+    _console().print(table)
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump(record, f, indent=1)
+    return 0
+
+
 def cmd_report(args: argparse.Namespace) -> int:
     from triton_adam.bench.console import make_table as Table
 
@@ -316,6 +349,10 @@ def build_parser() -> argparse.ArgumentParser:
     b.add_argument("--fsdp2", type=int, metavar="WORLD_SIZE",
                    help="instead: host time of step() under FSDP2 on WORLD_SIZE CPU gloo "
                         "processes, ours (launches stubbed) vs torch fused on the same model")
+    b.add_argument("--host", action="store_true",
+                   help="instead: host time of step() per tensor (launches stubbed) for each "
+                        "mode (same/fresh grads, fused clip, skip_nonfinite, compact master + "
+                        "int8), beside torch fused's whole CPU step; any machine")
     b.add_argument("--threads", type=int, help="torch CPU threads (a busy machine times far more "
                                                "steadily with 1)")
     precision = b.add_mutually_exclusive_group()

@@ -1,0 +1,147 @@
+"""Host time of ``step()``: what the Python in front of the kernels costs, per tensor, per step.
+
+A fused step exists so that the number of tensors stops mattering; its host path is what still
+grows with it. This times ``step()`` with the Triton launches stubbed (the same stub as
+``bench --fsdp2``: exactly what the host pays before the GPU does any work: checks, grad
+addresses, uploads), on any machine, in a spawned process (the stub and ``TRITON_INTERPRET=1``,
+which routes CPU tensors to the Triton path, must not leak into the caller), for the modes a
+training loop runs:
+
+* ``same grads``: the grads are the same tensors at every step (``zero_grad(set_to_none=False)``);
+* ``fresh grads``: new grad tensors at every step (``set_to_none=True``, torch's default), made
+  before the timed call;
+* ``fused clip``, ``skip_nonfinite``: fresh grads with ``max_grad_norm=1.0`` or
+  ``skip_nonfinite=True``;
+* ``lean``: bfloat16 params, ``master_weights="compact"``, ``state_dtype="int8"`` (every tensor
+  quantised), fresh grads;
+
+beside torch's fused AdamW's *whole* CPU step (kernel work included, one thread) over the same
+number of float32 tensors, for scale. Each mode reports the first step (plan build) too.
+
+Times are thread CPU time (``time.thread_time``): on a shared machine the wall clock counts the
+time slices other processes took, CPU time does not; the wall medians are recorded beside them.
+The collector is off while the steps are timed (after one collection), so that a collection the
+harness's own allocations trigger (new grads) does not land in a step, for every provider alike.
+"""
+from __future__ import annotations
+
+import gc
+import json
+import os
+import statistics
+import subprocess
+import sys
+import time
+from dataclasses import asdict, dataclass
+
+MODES = ("same grads", "fresh grads", "fused clip", "skip_nonfinite", "lean")
+
+
+@dataclass
+class HostBenchConfig:
+    """``tensors`` tensors of ``numel`` elements each (the many-small preset's count)."""
+    tensors: int = 4096
+    numel: int = 16
+    warmup: int = 3
+    repeats: int = 30
+    modes: tuple = MODES
+
+
+def _options(mode: str) -> dict:
+    import torch
+
+    if mode == "fused clip":
+        return {"max_grad_norm": 1.0}
+    if mode == "skip_nonfinite":
+        return {"skip_nonfinite": True}
+    if mode == "lean":
+        return {"master_weights": "compact", "state_dtype": "int8", "min_quantized_numel": 1,
+                "dtype": torch.bfloat16}
+    return {}
+
+
+def _timed_steps(opt, params, config: HostBenchConfig, fresh: bool):
+    """(first step, CPU medians per step, wall medians per step), seconds."""
+    import torch
+
+    pool = [torch.randn_like(p) for p in params]
+
+    def give_grads():
+        for p, g in zip(params, pool):
+            p.grad = g.clone() if fresh else g
+
+    give_grads()
+    gc.collect()
+    start = time.thread_time()
+    opt.step()
+    first = time.thread_time() - start
+    cpu, wall = [], []
+    gc.collect()
+    gc.disable()
+    try:
+        for i in range(config.warmup + config.repeats):
+            if fresh or i == 0:
+                give_grads()
+            start_wall, start = time.perf_counter(), time.thread_time()
+            opt.step()
+            elapsed, elapsed_wall = time.thread_time() - start, time.perf_counter() - start_wall
+            if i >= config.warmup:
+                cpu.append(elapsed)
+                wall.append(elapsed_wall)
+    finally:
+        gc.enable()
+    return first, statistics.median(cpu), statistics.median(wall)
+
+
+def measure(config: HostBenchConfig) -> dict:
+    """Run every mode and torch fused in this process (launches stubbed): a JSON-able record.
+
+    Must run in a process of its own with ``TRITON_INTERPRET=1`` set before triton's import;
+    ``run`` spawns one.
+    """
+    import torch
+
+    from triton_adam.bench.fsdp2 import _stub_launches
+
+    import triton_adam
+
+    torch.set_num_threads(1)
+    _stub_launches()
+    torch.manual_seed(0)
+    rows = []
+    n = config.tensors
+    reference = [torch.nn.Parameter(torch.randn(config.numel)) for _ in range(n)]
+    fused = torch.optim.AdamW(reference, lr=1e-3, fused=True)
+    first, cpu, wall = _timed_steps(fused, reference, config, fresh=False)
+    torch_row = {"provider": "torch fused (whole CPU step)", "mode": "same grads",
+                 "first_us_per_tensor": 1e6 * first / n, "us_per_tensor": 1e6 * cpu / n,
+                 "wall_us_per_tensor": 1e6 * wall / n}
+    for mode in config.modes:
+        options = _options(mode)
+        dtype = options.pop("dtype", torch.float32)
+        params = [torch.nn.Parameter(torch.randn(config.numel, dtype=dtype)) for _ in range(n)]
+        opt = triton_adam.AdamW(params, lr=1e-3, backend="triton", **options)
+        first, cpu, wall = _timed_steps(opt, params, config, fresh=mode != "same grads")
+        rows.append({"provider": "triton-adam (launches stubbed)", "mode": mode,
+                     "first_us_per_tensor": 1e6 * first / n, "us_per_tensor": 1e6 * cpu / n,
+                     "wall_us_per_tensor": 1e6 * wall / n})
+    rows.append(torch_row)
+    for row in rows:
+        row["torch_fused_over_this"] = torch_row["us_per_tensor"] / row["us_per_tensor"]
+    return {"config": dict(asdict(config), modes=list(config.modes), device="cpu",
+                           timer="thread_time", threads=1),
+            "results": rows}
+
+
+def run(config: HostBenchConfig, timeout_s: float = 900.0) -> dict:
+    """``measure`` in a fresh interpreter (stubbed launches, interpreter flag), bounded."""
+    env = dict(os.environ, TRITON_INTERPRET="1")
+    code = ("import json, sys\n"
+            "from triton_adam.bench.host import HostBenchConfig, measure\n"
+            "config = HostBenchConfig(**json.loads(sys.argv[1]))\n"
+            "print(json.dumps(measure(config)))\n")
+    done = subprocess.run([sys.executable, "-c", code, json.dumps(asdict(config))], env=env,
+                          capture_output=True, text=True, timeout=timeout_s)
+    if done.returncode != 0:
+        raise RuntimeError(f"the host benchmark failed:\n{done.stderr[-4000:]}")
+    return json.loads(done.stdout.strip().splitlines()[-1])
