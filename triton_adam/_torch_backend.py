@@ -66,8 +66,11 @@ class TorchBucket:
                             and grads[0].dtype == self.params[0].dtype)
         if default_formulas:
             if clip is not None:
-                # torch's fused kernel divides the grads by grad_scale: fold the clip factor in.
-                grad_scale = (1.0 if grad_scale is None else grad_scale) / clip
+                # clip_grad_norm_'s own arithmetic (grads times the clamped factor, in place),
+                # then torch's fused step: the numbers of torch's clip + step to the bit. (Folded
+                # into grad_scale, a division by 1/clip, they were an ulp apart in some grads,
+                # which an element whose second moment is near eps**2 turns into 1e-4.)
+                torch._foreach_mul_(grads, clip.to(grads[0].device))
             self._fused_step(grads, group, grad_scale, found_inf)
         else:
             self._math_step(grads, group, grad_scale, found_inf, clip)
