@@ -25,6 +25,7 @@ import torch
 from torch import Tensor
 
 from . import _precision, _quantize, _validation
+from ._state_prep import normalize_steps, prepared_state
 
 # handle (the optimizer's id) -> weak reference: the op's arguments can only be tensors and
 # plain values, so the graph names its optimizer by this integer
@@ -85,7 +86,7 @@ def init_group(optimizer, group, params, grads, exp_avgs, exp_avg_sqs, max_exp_a
             if param.grad is not None:
                 _validation.check_grad(group_index, position, param, param.grad)
                 _precision.of(each, param, _validation.describe(group_index, position, param))
-    optimizer._normalize_steps()
+    normalize_steps(optimizer)
     _init_states(optimizer)
     _ensure_result_buffers(optimizer)
     for param in group["params"]:
@@ -114,7 +115,6 @@ def _init_states(optimizer) -> None:
     ``optimizer.prepared_state``: 8-bit codes, a loaded checkpoint in this storage, ...), in
     the layout the kernels use; stored only once every param's is ready."""
     from ._plan import Member, _check_state_layout
-    from .optimizer import prepared_state
 
     prepared = []
     for group_index, group in enumerate(optimizer.param_groups):
