@@ -96,6 +96,8 @@ class SteadyStep:
         flat = list(chain.from_iterable(self.param_lists))
         self.n_params = len(flat)
         self.sharded = any(map(_distributed.is_dtensor, flat))
+        # every param a DTensor (FSDP2): their local shards by a C-level attribute read
+        self.all_sharded = self.sharded and all(map(_distributed.is_dtensor, flat))
         self.param_ptrs = list(map(Tensor.data_ptr, self._locals(flat)))
         self.state_table = optimizer.state
         self.epoch = EPOCH[0]
@@ -141,6 +143,11 @@ class SteadyStep:
     def _locals(self, tensors):
         if not self.sharded:
             return tensors
+        if self.all_sharded:
+            try:
+                return list(map(_LOCAL, tensors))
+            except AttributeError:  # a plain param now: the addresses differ, checked path
+                return list(map(_distributed.local, tensors))
         return list(map(_distributed.local, tensors))
 
     def _members(self, grads):

@@ -4,7 +4,7 @@ Under FSDP2 every param, grad and state is a DTensor, and torch's optimizers pay
 for every tensor at every step (pytorch issue 134191: the optimizer at a third of step time).
 This runs a world of gloo processes on loopback (CPU), shards a stack of small layers with
 ``fully_shard`` (one call per layer, as in a real model), and times ``step()`` on rank 0 with
-fresh grads from a backward pass before every step:
+fresh grads from a backward pass before every step (thread CPU time of ``step()``):
 
 * ``triton-adam (launches stubbed)``: the Triton path with its kernel launches replaced by
   no-ops, i.e. exactly what the host pays per step before the GPU does any work (tables, grad
@@ -94,9 +94,14 @@ def _time_provider(name: str, config: Fsdp2BenchConfig, rank: int) -> list:
     times = []
     for i in range(config.warmup + config.repeats):
         model(x).square().mean().backward()  # new grads at new addresses, as in training
-        start = time.perf_counter()
+        # thread CPU time (the wall clock of a shared machine counts the other rank's and
+        # other processes' slices), the collector off for the step alone (a collection the
+        # backward's garbage triggers is not the step's)
+        gc.disable()
+        start = time.thread_time()
         opt.step()
-        elapsed = time.perf_counter() - start
+        elapsed = time.thread_time() - start
+        gc.enable()
         opt.zero_grad(set_to_none=True)
         if i >= config.warmup:
             times.append(elapsed * 1e3)
