@@ -147,7 +147,8 @@ def check_grad(group_index: int, position: int, param: Tensor, grad: Tensor) -> 
             f"{describe(group_index, position, param)} is on the meta device: it has no memory "
             "for the step to update. Materialise the model first (e.g. "
             "model.to_empty(device=...), which gives it new params, then initialise them) and "
-            "build the optimizer on its params")
+            "build the optimizer on its params (torch's own: `fused=True` requires all the "
+            "params to be floating point Tensors of supported devices)")
     if grad.is_sparse:
         raise RuntimeError("Adam does not support sparse gradients, please consider SparseAdam "
                            f"instead ({describe(group_index, position, param)} has a sparse grad)")
