@@ -226,7 +226,7 @@ def _max_keeping_nan(a, b):
 
 
 @triton.jit
-def _random_bits16(rng_key, rng_stream, rng_counter, N: tl.constexpr):
+def _random_bits16(rng_key, rng_stream, rng_counter, N: tl.constexpr, GROUPED: tl.constexpr):
     """16 uniform random bits (in a uint32) for each of N consecutive elements, from N / 8
     calls of Philox-4x32-10 keyed on ``rng_key`` (seed, step): 128 bits a call, 16 an element.
 
@@ -234,19 +234,33 @@ def _random_bits16(rng_key, rng_stream, rng_counter, N: tl.constexpr):
     param's index, and its high word: the shard's) serves elements 8j to 8j + 7, element 8j + k
     taking the low (k even) or high (k odd) half of the call's word k // 2. A stream that no
     state is kept for, the same for the same keys on any device and in the torch fallback
-    (``_precision.random_bits16``)."""
-    counters = rng_counter + tl.arange(0, N // 8)
+    (``_precision.random_bits16``). GROUPED: the N / 8 calls, spread over the elements (for
+    a layout of 8 consecutive elements a thread: aligned tiles); otherwise each element makes
+    its eight's call itself and takes its half (the same bits; for a layout of one element a
+    thread, where spreading the words would go through shared memory).
+    """
+    if GROUPED:
+        counters = rng_counter + tl.arange(0, N // 8)
+    else:
+        lanes = tl.arange(0, N)
+        counters = rng_counter + (lanes >> 3)
     lo = counters.to(tl.uint32)
     hi = (counters >> 32).to(tl.uint32)
     zero = lo * 0
     tensor = zero + (rng_stream & 0xFFFFFFFF).to(tl.uint32)
     shard = zero + (rng_stream >> 32).to(tl.uint32)
     r0, r1, r2, r3 = tl.philox(rng_key, lo, hi, tensor, shard)
-    # [N / 8, 2, 2, 2] in row-major order (word, half): a thread holding 8 consecutive
-    # elements holds its call's 4 words, so the reshape moves nothing between threads
-    words = tl.join(tl.join(r0, r2), tl.join(r1, r3))
-    halves = tl.join(words & 0xFFFF, words >> 16)
-    return tl.reshape(halves, (N,))
+    if GROUPED:
+        # [N / 8, 2, 2, 2] in row-major order (word, half): a thread holding 8 consecutive
+        # elements holds its call's 4 words, so the reshape moves nothing between threads
+        words = tl.join(tl.join(r0, r2), tl.join(r1, r3))
+        halves = tl.join(words & 0xFFFF, words >> 16)
+        return tl.reshape(halves, (N,))
+    else:
+        word_index = (lanes >> 1) & 3
+        word = tl.where(word_index < 2, tl.where(word_index == 0, r0, r1),
+                        tl.where(word_index == 2, r2, r3))
+        return (word >> ((lanes & 1) * 16).to(tl.uint32)) & 0xFFFF
 
 
 @triton.jit
@@ -319,6 +333,7 @@ def _adam_block(
     PARAM_DTYPE: tl.constexpr, STATE_DTYPE: tl.constexpr, AMSGRAD: tl.constexpr,
     HAS_GRAD_SCALE: tl.constexpr, MASTER: tl.constexpr, STOCHASTIC_ROUNDING: tl.constexpr,
     QUANT: tl.constexpr, QUANT_BLOCK: tl.constexpr, TILE_SIZE: tl.constexpr,
+    ALIGNED: tl.constexpr = True,
 ):
     """Update one block of elements; ``mask`` is None for a full block (vectorisable loads).
 
@@ -327,7 +342,14 @@ def _adam_block(
     element's eight (for stochastic rounding, see _random_stream); ``n_valid`` the tile's
     elements that exist.
     With a MASTER the update runs on the float32 value it keeps, and the param gets its rounding.
+    ALIGNED: the pointers are 16-byte aligned (the elements' layout is then 8 consecutive
+    elements a thread, which the random draw follows).
     """
+    random16 = 0
+    if STOCHASTIC_ROUNDING and not ALIGNED:
+        # drawn first, the generator's state dead before the loads and the math begin: drawn
+        # last, an element's own call needed up to 180 registers with amsgrad (unaligned)
+        random16 = _random_bits16(rng_key, rng_stream, rng_counter, TILE_SIZE, False)
     stored_param = tl.load(param_ptr + offsets, mask=mask)
     param = _load_value(stored_param, master_ptr, offsets, mask, PARAM_DTYPE, MASTER)
     grad = tl.load(grad_ptr + offsets, mask=mask).to(tl.float32)
@@ -385,11 +407,10 @@ def _adam_block(
         param = param + tl.div_rn((neg_step_size * bc2_sqrt) * exp_avg,
                                   root + eps * bc2_sqrt)
 
-    random16 = 0
-    if STOCHASTIC_ROUNDING:
+    if STOCHASTIC_ROUNDING and ALIGNED:
         # drawn last, where its words replace the dead loads' registers (drawn before the
         # loads, ptxas overlapped the two and needed 102 registers, 2 programs an SM)
-        random16 = _random_bits16(rng_key, rng_stream, rng_counter, TILE_SIZE)
+        random16 = _random_bits16(rng_key, rng_stream, rng_counter, TILE_SIZE, True)
     _store_value(param_ptr, master_ptr, offsets, mask, param, random16, PARAM_DTYPE, MASTER,
                  STOCHASTIC_ROUNDING)
     if QUANT == QUANT_NONE:
@@ -413,7 +434,7 @@ def _adam_tile(
     PARAM_DTYPE: tl.constexpr, STATE_DTYPE: tl.constexpr, AMSGRAD: tl.constexpr,
     HAS_GRAD_SCALE: tl.constexpr, MASTER: tl.constexpr, STOCHASTIC_ROUNDING: tl.constexpr,
     QUANT: tl.constexpr, QUANT_BLOCK: tl.constexpr, TILE_SIZE: tl.constexpr,
-    PIECE_SIZE: tl.constexpr,
+    PIECE_SIZE: tl.constexpr, ALIGNED: tl.constexpr,
 ):
     """One tile of ``remaining`` (may be <= 0) elements: unmasked when it is whole; a partial
     tile in masked pieces of PIECE_SIZE elements (whole QUANT_BLOCKs)."""
@@ -424,7 +445,8 @@ def _adam_tile(
                     neg_step_size, bc2_sqrt, param_scale, l2, grad_sign, clip, grad_scale,
                     rng_key, rng_stream, rng_counter, exp_avg_scale_ptr, exp_avg_sq_scale_ptr,
                     max_exp_avg_sq_scale_ptr, TILE_SIZE, PARAM_DTYPE, STATE_DTYPE, AMSGRAD,
-                    HAS_GRAD_SCALE, MASTER, STOCHASTIC_ROUNDING, QUANT, QUANT_BLOCK, TILE_SIZE)
+                    HAS_GRAD_SCALE, MASTER, STOCHASTIC_ROUNDING, QUANT, QUANT_BLOCK, TILE_SIZE,
+                    ALIGNED)
     elif remaining > 0:
         # Masked accesses are scalar: each keeps its own address live. A whole masked tile of
         # codes made this (rare) path the kernel's largest, and ptxas sizes the registers of
@@ -443,7 +465,7 @@ def _adam_tile(
                             rng_stream, rng_counter + piece // 8, exp_avg_scale_ptr + scales,
                             exp_avg_sq_scale_ptr + scales, max_exp_avg_sq_scale_ptr + scales,
                             left, PARAM_DTYPE, STATE_DTYPE, AMSGRAD, HAS_GRAD_SCALE, MASTER,
-                            STOCHASTIC_ROUNDING, QUANT, QUANT_BLOCK, PIECE_SIZE)
+                            STOCHASTIC_ROUNDING, QUANT, QUANT_BLOCK, PIECE_SIZE, ALIGNED)
 
 
 @triton.jit
@@ -587,7 +609,8 @@ def adam_step_kernel(
                                exp_avg_scale_ptr + scale_tile, exp_avg_sq_scale_ptr + scale_tile,
                                max_exp_avg_sq_scale_ptr + scale_tile, remaining,
                                PARAM_DTYPE, STATE_DTYPE, AMSGRAD, HAS_GRAD_SCALE, MASTER,
-                               STOCHASTIC_ROUNDING, QUANT, QUANT_BLOCK, TILE_SIZE, PIECE_SIZE)
+                               STOCHASTIC_ROUNDING, QUANT, QUANT_BLOCK, TILE_SIZE, PIECE_SIZE,
+                               ALIGNED)
             if dense_tile:
                 _adam_tile(param_ptr + tile_start, grad_ptr + tile_start,
                            exp_avg_ptr + tile_start, exp_avg_sq_ptr + tile_start,
@@ -597,7 +620,8 @@ def adam_step_kernel(
                            rng_key, rng_stream, rng_counter + tile_start // 8,
                            exp_avg_scale_ptr, exp_avg_sq_scale_ptr, max_exp_avg_sq_scale_ptr,
                            remaining, PARAM_DTYPE, STATE_DTYPE, AMSGRAD, HAS_GRAD_SCALE, MASTER,
-                           STOCHASTIC_ROUNDING, QUANT_NONE, QUANT_BLOCK, TILE_SIZE, PIECE_SIZE)
+                           STOCHASTIC_ROUNDING, QUANT_NONE, QUANT_BLOCK, TILE_SIZE, PIECE_SIZE,
+                           ALIGNED)
 
 
 def run_or_compile(kernel, grid, warmup, *args, **kwargs):

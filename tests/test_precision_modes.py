@@ -164,6 +164,27 @@ def test_one_philox_call_serves_eight_elements():
     assert (shifted != whole[20:]).float().mean() > 0.9
 
 
+def test_unaligned_params_draw_the_same_stream():
+    """A param 2 bytes into its storage takes the unaligned kernel, which makes each
+    element's Philox call itself (its layout holds one element a thread): the same bits as
+    the torch fallback, over whole and partial tiles."""
+    if "triton" not in backends_on("cpu"):
+        pytest.skip("needs the Triton interpreter")
+    results = []
+    for backend in ("triton", "torch"):
+        generator = torch.Generator().manual_seed(8)
+        storage = torch.randn(5001, generator=generator).to(BF16)
+        p = torch.nn.Parameter(storage[1:])
+        assert p.data_ptr() % 16
+        opt = triton_adam.AdamW([p], lr=1e-3, backend=backend, stochastic_rounding=True,
+                                seed=6)
+        for _ in range(2):
+            p.grad = torch.randn(5000, generator=generator).to(BF16)
+            opt.step()
+        results.append(p.detach().clone())
+    assert torch.equal(bits(results[0]), bits(results[1]))
+
+
 @pytest.mark.parametrize("offset", [16, 20, 2**33 + 3])
 def test_kernel_and_fallback_draw_alike_at_any_shard_offset(monkeypatch, offset):
     """A shard's global offset (a DTensor's, see _distributed.random_stream) moves the
