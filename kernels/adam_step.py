@@ -226,18 +226,66 @@ def _max_keeping_nan(a, b):
 
 
 @triton.jit
-def _random_bits16(rng_key, rng_stream, elements):
-    """16 uniform random bits (in a uint32) per element, from Philox-4x32-10 keyed on
-    ``rng_key`` (seed, step) and counted by (element index, its high word, ``rng_stream``'s
-    low word: the param's index, its high word: the shard's): a stream that no state is kept
-    for, the same for the same keys on any device and in the torch fallback."""
-    lo = elements.to(tl.uint32)
-    hi = (elements >> 32).to(tl.uint32)
+def _random_bits16(rng_key, rng_stream, rng_counter, N: tl.constexpr, GROUPED: tl.constexpr):
+    """16 uniform random bits (in a uint32) for each of N consecutive elements, from N / 8
+    calls of Philox-4x32-10 keyed on ``rng_key`` (seed, step): 128 bits a call, 16 an element.
+
+    Call j (counted by ``rng_counter`` + j, its high word, ``rng_stream``'s low word: the
+    param's index, and its high word: the shard's) serves elements 8j to 8j + 7, element 8j + k
+    taking the low (k even) or high (k odd) half of the call's word k // 2. A stream that no
+    state is kept for, the same for the same keys on any device and in the torch fallback
+    (``_precision.random_bits16``). GROUPED: the N / 8 calls, spread over the elements (for
+    a layout of 8 consecutive elements a thread: aligned tiles); otherwise each element makes
+    its eight's call itself and takes its half (the same bits; for a layout of one element a
+    thread, where spreading the words would go through shared memory).
+    """
+    if GROUPED:
+        counters = rng_counter + tl.arange(0, N // 8)
+    else:
+        lanes = tl.arange(0, N)
+        counters = rng_counter + (lanes >> 3)
+    lo = counters.to(tl.uint32)
+    hi = (counters >> 32).to(tl.uint32)
     zero = lo * 0
     tensor = zero + (rng_stream & 0xFFFFFFFF).to(tl.uint32)
     shard = zero + (rng_stream >> 32).to(tl.uint32)
-    random, _, _, _ = tl.philox(rng_key, lo, hi, tensor, shard)
-    return random >> 16
+    r0, r1, r2, r3 = tl.philox(rng_key, lo, hi, tensor, shard)
+    if GROUPED:
+        # [N / 8, 2, 2, 2] in row-major order (word, half): a thread holding 8 consecutive
+        # elements holds its call's 4 words, so the reshape moves nothing between threads
+        words = tl.join(tl.join(r0, r2), tl.join(r1, r3))
+        halves = tl.join(words & 0xFFFF, words >> 16)
+        return tl.reshape(halves, (N,))
+    else:
+        word_index = (lanes >> 1) & 3
+        word = tl.where(word_index < 2, tl.where(word_index == 0, r0, r1),
+                        tl.where(word_index == 2, r2, r3))
+        return (word >> ((lanes & 1) * 16).to(tl.uint32)) & 0xFFFF
+
+
+@triton.jit
+def _random_stream(coef, row, start, STOCHASTIC_ROUNDING: tl.constexpr):
+    """(Philox key, stream, counter of the call that serves the element at ``start``, a
+    multiple of 8) of stochastic rounding for the tensor of table ``row`` and coefficients
+    ``coef`` (zeros without it).
+
+    The counter of element i of a shard whose first element has global index o is
+    (o + i) // 8 when o is a multiple of 8 (a whole tensor, most dim-0 shards): every shard
+    then draws what the unsharded tensor would. Otherwise it is o // 8 + i // 8 with o % 8 in
+    bits 60-62, a stream of its own (counters stay below 2**60): no two elements share bits.
+    """
+    rng_key = 0
+    rng_stream = 0
+    rng_counter = start
+    if STOCHASTIC_ROUNDING:
+        # Philox key: the group's seed in the low word, the tensor's step in the high one
+        seed = tl.load(coef + COEF_SEED).to(tl.uint32, bitcast=True).to(tl.uint64)
+        step = tl.load(coef + COEF_STEP).to(tl.uint64)
+        rng_key = (step << 32) | seed
+        rng_stream = tl.load(row + COL_RNG_STREAM)
+        offset = tl.load(row + COL_RNG_OFFSET)
+        rng_counter = ((offset & 7) << 60) + (offset >> 3) + start // 8
+    return rng_key, rng_stream, rng_counter
 
 
 @triton.jit
@@ -280,23 +328,28 @@ def _store_value(param_ptr, master_ptr, offsets, mask, value, random16,
 def _adam_block(
     param_ptr, grad_ptr, exp_avg_ptr, exp_avg_sq_ptr, max_exp_avg_sq_ptr, master_ptr, offsets,
     mask, one_minus_beta1, beta2, one_minus_beta2, eps, neg_step_size, bc2_sqrt, param_scale, l2,
-    grad_sign, clip, grad_scale, rng_key, rng_stream, rng_start,
+    grad_sign, clip, grad_scale, rng_key, rng_stream, rng_counter,
     exp_avg_scale_ptr, exp_avg_sq_scale_ptr, max_exp_avg_sq_scale_ptr, n_valid,
     PARAM_DTYPE: tl.constexpr, STATE_DTYPE: tl.constexpr, AMSGRAD: tl.constexpr,
     HAS_GRAD_SCALE: tl.constexpr, MASTER: tl.constexpr, STOCHASTIC_ROUNDING: tl.constexpr,
     QUANT: tl.constexpr, QUANT_BLOCK: tl.constexpr, TILE_SIZE: tl.constexpr,
+    ALIGNED: tl.constexpr = True,
 ):
     """Update one block of elements; ``mask`` is None for a full block (vectorisable loads).
 
     The pointers already point at the block's first element (its first code and scale with
-    QUANT), so ``offsets`` are int32 lanes; ``rng_start`` is the global index of that element
-    (for stochastic rounding); ``n_valid`` the tile's elements that exist.
+    QUANT), so ``offsets`` are int32 lanes; ``rng_counter`` is the Philox counter of that
+    element's eight (for stochastic rounding, see _random_stream); ``n_valid`` the tile's
+    elements that exist.
     With a MASTER the update runs on the float32 value it keeps, and the param gets its rounding.
+    ALIGNED: the pointers are 16-byte aligned (the elements' layout is then 8 consecutive
+    elements a thread, which the random draw follows).
     """
     random16 = 0
-    if STOCHASTIC_ROUNDING:
-        # drawn first: the generator's state is dead before the loads and the math begin
-        random16 = _random_bits16(rng_key, rng_stream, rng_start + offsets)
+    if STOCHASTIC_ROUNDING and not ALIGNED:
+        # drawn first, the generator's state dead before the loads and the math begin: drawn
+        # last, an element's own call needed up to 180 registers with amsgrad (unaligned)
+        random16 = _random_bits16(rng_key, rng_stream, rng_counter, TILE_SIZE, False)
     stored_param = tl.load(param_ptr + offsets, mask=mask)
     param = _load_value(stored_param, master_ptr, offsets, mask, PARAM_DTYPE, MASTER)
     grad = tl.load(grad_ptr + offsets, mask=mask).to(tl.float32)
@@ -354,6 +407,10 @@ def _adam_block(
         param = param + tl.div_rn((neg_step_size * bc2_sqrt) * exp_avg,
                                   root + eps * bc2_sqrt)
 
+    if STOCHASTIC_ROUNDING and ALIGNED:
+        # drawn last, where its words replace the dead loads' registers (drawn before the
+        # loads, ptxas overlapped the two and needed 102 registers, 2 programs an SM)
+        random16 = _random_bits16(rng_key, rng_stream, rng_counter, TILE_SIZE, True)
     _store_value(param_ptr, master_ptr, offsets, mask, param, random16, PARAM_DTYPE, MASTER,
                  STOCHASTIC_ROUNDING)
     if QUANT == QUANT_NONE:
@@ -372,12 +429,12 @@ def _adam_block(
 def _adam_tile(
     param_ptr, grad_ptr, exp_avg_ptr, exp_avg_sq_ptr, max_exp_avg_sq_ptr, master_ptr,
     one_minus_beta1, beta2, one_minus_beta2, eps, neg_step_size, bc2_sqrt, param_scale, l2,
-    grad_sign, clip, grad_scale, rng_key, rng_stream, rng_start,
+    grad_sign, clip, grad_scale, rng_key, rng_stream, rng_counter,
     exp_avg_scale_ptr, exp_avg_sq_scale_ptr, max_exp_avg_sq_scale_ptr, remaining,
     PARAM_DTYPE: tl.constexpr, STATE_DTYPE: tl.constexpr, AMSGRAD: tl.constexpr,
     HAS_GRAD_SCALE: tl.constexpr, MASTER: tl.constexpr, STOCHASTIC_ROUNDING: tl.constexpr,
     QUANT: tl.constexpr, QUANT_BLOCK: tl.constexpr, TILE_SIZE: tl.constexpr,
-    PIECE_SIZE: tl.constexpr,
+    PIECE_SIZE: tl.constexpr, ALIGNED: tl.constexpr,
 ):
     """One tile of ``remaining`` (may be <= 0) elements: unmasked when it is whole; a partial
     tile in masked pieces of PIECE_SIZE elements (whole QUANT_BLOCKs)."""
@@ -386,9 +443,10 @@ def _adam_tile(
         _adam_block(param_ptr, grad_ptr, exp_avg_ptr, exp_avg_sq_ptr, max_exp_avg_sq_ptr,
                     master_ptr, lanes, None, one_minus_beta1, beta2, one_minus_beta2, eps,
                     neg_step_size, bc2_sqrt, param_scale, l2, grad_sign, clip, grad_scale,
-                    rng_key, rng_stream, rng_start, exp_avg_scale_ptr, exp_avg_sq_scale_ptr,
+                    rng_key, rng_stream, rng_counter, exp_avg_scale_ptr, exp_avg_sq_scale_ptr,
                     max_exp_avg_sq_scale_ptr, TILE_SIZE, PARAM_DTYPE, STATE_DTYPE, AMSGRAD,
-                    HAS_GRAD_SCALE, MASTER, STOCHASTIC_ROUNDING, QUANT, QUANT_BLOCK, TILE_SIZE)
+                    HAS_GRAD_SCALE, MASTER, STOCHASTIC_ROUNDING, QUANT, QUANT_BLOCK, TILE_SIZE,
+                    ALIGNED)
     elif remaining > 0:
         # Masked accesses are scalar: each keeps its own address live. A whole masked tile of
         # codes made this (rare) path the kernel's largest, and ptxas sizes the registers of
@@ -404,10 +462,10 @@ def _adam_tile(
                             master_ptr + piece, lanes, lanes < left.to(tl.int32),
                             one_minus_beta1, beta2, one_minus_beta2, eps, neg_step_size,
                             bc2_sqrt, param_scale, l2, grad_sign, clip, grad_scale, rng_key,
-                            rng_stream, rng_start + piece, exp_avg_scale_ptr + scales,
+                            rng_stream, rng_counter + piece // 8, exp_avg_scale_ptr + scales,
                             exp_avg_sq_scale_ptr + scales, max_exp_avg_sq_scale_ptr + scales,
                             left, PARAM_DTYPE, STATE_DTYPE, AMSGRAD, HAS_GRAD_SCALE, MASTER,
-                            STOCHASTIC_ROUNDING, QUANT, QUANT_BLOCK, PIECE_SIZE)
+                            STOCHASTIC_ROUNDING, QUANT, QUANT_BLOCK, PIECE_SIZE, ALIGNED)
 
 
 @triton.jit
@@ -492,16 +550,8 @@ def adam_step_kernel(
 
         # int64 base so that tensors past 2**31 elements work; lane offsets stay int32.
         start = block * BLOCK_SIZE
-        rng_key = 0
-        rng_stream = 0
-        rng_start = start
-        if STOCHASTIC_ROUNDING:
-            # Philox key: the group's seed in the low word, the tensor's step in the high one
-            seed = tl.load(coef + COEF_SEED).to(tl.uint32, bitcast=True).to(tl.uint64)
-            step = tl.load(coef + COEF_STEP).to(tl.uint64)
-            rng_key = (step << 32) | seed
-            rng_stream = tl.load(row + COL_RNG_STREAM)
-            rng_start = start + tl.load(row + COL_RNG_OFFSET)
+        rng_key, rng_stream, rng_counter = _random_stream(coef, row, start,
+                                                          STOCHASTIC_ROUNDING)
         param_ptr += start
         grad_ptr += start
         master_ptr += start
@@ -555,21 +605,23 @@ def adam_step_kernel(
                                max_exp_avg_sq_codes + code_tile, master_ptr + tile_start,
                                one_minus_beta1, beta2, one_minus_beta2, eps, neg_step_size,
                                bc2_sqrt, param_scale, l2, grad_sign, clip, grad_scale,
-                               rng_key, rng_stream, rng_start + tile_start,
+                               rng_key, rng_stream, rng_counter + tile_start // 8,
                                exp_avg_scale_ptr + scale_tile, exp_avg_sq_scale_ptr + scale_tile,
                                max_exp_avg_sq_scale_ptr + scale_tile, remaining,
                                PARAM_DTYPE, STATE_DTYPE, AMSGRAD, HAS_GRAD_SCALE, MASTER,
-                               STOCHASTIC_ROUNDING, QUANT, QUANT_BLOCK, TILE_SIZE, PIECE_SIZE)
+                               STOCHASTIC_ROUNDING, QUANT, QUANT_BLOCK, TILE_SIZE, PIECE_SIZE,
+                               ALIGNED)
             if dense_tile:
                 _adam_tile(param_ptr + tile_start, grad_ptr + tile_start,
                            exp_avg_ptr + tile_start, exp_avg_sq_ptr + tile_start,
                            max_exp_avg_sq_ptr + tile_start, master_ptr + tile_start,
                            one_minus_beta1, beta2, one_minus_beta2, eps, neg_step_size,
                            bc2_sqrt, param_scale, l2, grad_sign, clip, grad_scale,
-                           rng_key, rng_stream, rng_start + tile_start,
+                           rng_key, rng_stream, rng_counter + tile_start // 8,
                            exp_avg_scale_ptr, exp_avg_sq_scale_ptr, max_exp_avg_sq_scale_ptr,
                            remaining, PARAM_DTYPE, STATE_DTYPE, AMSGRAD, HAS_GRAD_SCALE, MASTER,
-                           STOCHASTIC_ROUNDING, QUANT_NONE, QUANT_BLOCK, TILE_SIZE, PIECE_SIZE)
+                           STOCHASTIC_ROUNDING, QUANT_NONE, QUANT_BLOCK, TILE_SIZE, PIECE_SIZE,
+                           ALIGNED)
 
 
 def run_or_compile(kernel, grid, warmup, *args, **kwargs):

@@ -323,14 +323,25 @@ def philox(key0, key1, c0: Tensor, c1, c2, c3, rounds: int = 10):
     return c0, c1, c2, c3
 
 
-def random_bits16(seed: int, step: Tensor, stream: int, elements: Tensor) -> Tensor:
-    """The kernels' 16 random bits per element (int64): Philox keyed on (seed, step), counted
-    by (element index low word, high word, ``stream``'s low word: the param's index, its high
-    word: the shard's)."""
+def random_bits16(seed: int, step: Tensor, stream: int, offset: int, numel: int,
+                  device=None) -> Tensor:
+    """The kernels' 16 random bits (int64) for the ``numel`` elements of a shard whose first
+    element has global index ``offset``: Philox keyed on (seed, step), one call for 8
+    consecutive elements, counted by (counter low word, high word, ``stream``'s low word: the
+    param's index, its high word: the shard's); element 8j + k takes the low (k even) or high
+    (k odd) half of call j's word k // 2. Call j's counter is (offset + 8j) // 8 for an
+    ``offset`` that is a multiple of 8 (the unsharded tensor's stream), and otherwise
+    offset // 8 + j with offset % 8 in bits 60-62 (a stream of its own). On ``device``
+    (default: the step's)."""
     step = step.to(torch.int64) & _MASK32
-    random, _, _, _ = philox(seed, step, elements & _MASK32, elements >> 32,
-                             stream & _MASK32, stream >> 32)
-    return random >> 16
+    first = ((offset & 7) << 60) + (offset >> 3)
+    counters = first + torch.arange((numel + 7) // 8, dtype=torch.int64,
+                                   device=device or step.device)
+    words = philox(seed, step, counters & _MASK32, counters >> 32, stream & _MASK32,
+                   stream >> 32)
+    words = torch.stack(words, dim=1)
+    halves = torch.stack([words & 0xFFFF, words >> 16], dim=2)
+    return halves.reshape(-1)[:numel]
 
 
 def stochastic_round(value: Tensor, random16: Tensor) -> Tensor:

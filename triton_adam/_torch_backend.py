@@ -190,9 +190,8 @@ class TorchBucket:
                     param: rounded}
         if self.stochastic:
             stream, offset = self.rng[i]
-            elements = offset + torch.arange(value.numel(), device=value.device)
             random16 = _precision.random_bits16(int(group.get("seed") or 0), self.steps[i],
-                                                stream, elements)
+                                                stream, offset, value.numel(), value.device)
             # the stream follows memory order, as the kernel walks it (any dense strides)
             random16 = random16.as_strided(value.shape, value.stride())
             return {param: _precision.stochastic_round(value, random16)}
