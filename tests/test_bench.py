@@ -602,3 +602,18 @@ def test_table_and_report_show_device_and_host_times(small_copy, capsys, tmp_pat
     assert cli.main(["report", str(path)]) == 0
     text = capsys.readouterr().out
     assert "device ms" in text and "1.250*" in text and "2.500" in text
+
+
+def test_host_bench_rows_time_the_stubbed_step_and_torch_fused():
+    """bench --host: each row in a process of its own (the stub and the interpreter flag stay
+    there), thread CPU time per tensor for the first step and the steady ones."""
+    from triton_adam.bench.host import TORCH_FUSED, HostBenchConfig, _measure_apart
+
+    config = HostBenchConfig(tensors=64, warmup=1, repeats=20)
+    ours = _measure_apart(config, "fused clip", timeout_s=300)
+    theirs = _measure_apart(config, TORCH_FUSED, timeout_s=300)
+    assert ours["provider"] == "triton-adam (launches stubbed)" and ours["mode"] == "fused clip"
+    assert theirs["provider"] == TORCH_FUSED and theirs["mode"] == "same grads"
+    for row in (ours, theirs):
+        assert 0 < row["us_per_tensor"] < row["first_us_per_tensor"] * 50
+        assert row["wall_us_per_tensor"] > 0

@@ -11,6 +11,7 @@ import torch
 
 import triton_adam
 from conftest import backends_on
+from triton_adam import _steady_step
 from triton_adam._tracked_state import TrackedState
 from triton_adam.optimizer import _FusedAdamBase
 
@@ -18,6 +19,15 @@ STEADY = 12
 BACKENDS = backends_on("cpu")
 # float32 state and params on both backends: torch's fused CPU kernel is the yardstick
 TOLERANCE = dict(rtol=1e-5, atol=1e-6)
+
+
+@pytest.fixture(params=["tensor-guard", "passes"], autouse=True)
+def grad_check(request, monkeypatch):
+    """Every test twice: grads checked by dynamo's C++ tensor guard, and by the per-property
+    passes used where a torch has no such guard."""
+    if request.param == "passes":
+        monkeypatch.setattr(_steady_step, "_tensor_guard", lambda grads: None)
+    return request.param
 
 
 @pytest.fixture

@@ -286,7 +286,7 @@ class TritonBucket:
         """Point the grad table at these grad addresses, in member order (an upload only if
         they moved)."""
         n = len(self.members)
-        ptrs[~self.nonempty] = 0  # an empty grad's address is never read
+        ptrs = np.where(self.nonempty, ptrs, 0)  # an empty grad's address is never read
         if self.grad_ptrs is None or not np.array_equal(ptrs, self.grad_ptrs):
             if self.device.type == "cuda" and torch.cuda.is_current_stream_capturing() \
                     and self.grad_ptrs is not None:

@@ -8,8 +8,9 @@ grads' contents, and often in the grads' objects and addresses (``zero_grad(set_
 * the param groups' lists and flags, and every param's (local) address;
 * that no state dict changed (``_tracked_state.EPOCH``: O(1), whatever the number of tensors);
 * the grads: the same objects as last step (weak references, so a freed grad is never kept
-  alive) at the same addresses; or, for moved or new grad objects, the same dtypes, layouts,
-  element counts and devices as the checked ones (one C-level pass each, ``map`` over a list).
+  alive) at the same addresses; or, for moved or new grad objects, the same dtypes, devices,
+  layouts, sizes and strides as the checked ones (dynamo's C++ tensor guard, one call for all
+  of them; without it, one C-level pass per property).
 
 Each comparison is one pass over a list in C (``list(map(...))`` and ``==`` on lists of ints
 and interned objects), never a Python call per tensor. Anything that differs sends the step to
@@ -70,19 +71,45 @@ def _grad_refs(grads, any_missing: bool) -> list:
 
 
 def _metadata(grads) -> tuple:
-    """Every property of the grads the kernels rely on, one C-level pass each (for a grad
-    object whose memory was swapped: ``.data =`` escapes the ``.grad`` setter's checks)."""
+    """Every property of the grads the kernels rely on, one C-level pass each."""
     return (list(map(_DTYPE, grads)), list(map(Tensor.stride, grads)),
-            list(map(Tensor.numel, grads)), list(map(Tensor.get_device, grads)))
-
-
-def _new_grad_metadata(grads, strided) -> tuple:
-    """The same properties for grad objects not seen before, with bools (contiguous or not)
-    where contiguity pins the layout: no stride tuple allocated per tensor. (torch's ``.grad``
-    setter checks size, dtype and device at assignment, but ``.data =`` after it does not.)"""
-    return (list(map(_DTYPE, grads)), list(map(Tensor.is_contiguous, grads)),
             list(map(Tensor.numel, grads)), list(map(Tensor.get_device, grads)),
-            [grads[i].stride() for i in strided])
+            list(map(Tensor.is_conj, grads)))
+
+
+def _tensor_guard(grads):
+    """dynamo's C++ tensor check for these grads (dtype, device, dispatch keys, so layout and
+    lazy conjugation, requires_grad, every size and stride) in one call, ~50 ns a tensor; or
+    None where this torch has no such check (a private API: the passes of ``_metadata`` then
+    do the same work)."""
+    try:
+        from torch._C._dynamo.guards import TensorGuards
+
+        guard = TensorGuards(*grads, dynamic_dims_sizes=[list(g.size()) for g in grads],
+                             dynamic_dims_strides=[list(g.stride()) for g in grads])
+        return guard if guard.check(*grads) else None
+    except Exception:  # noqa: BLE001 - any change of the private API: use the passes
+        return None
+
+
+class _GradCheck:
+    """Whether grads have the checked grads' dtypes, devices, layouts, sizes and strides.
+
+    Needed for every grad object not seen before, and for one whose memory was swapped:
+    torch's ``.grad`` setter checks size, dtype and device when a grad is assigned, but
+    ``.data =`` after it does not, and it accepts any strides."""
+
+    def __init__(self, grads):
+        self.guard = _tensor_guard(grads)
+        self.metadata = _metadata(grads) if self.guard is None else None
+
+    def matches(self, grads) -> bool:
+        if self.guard is None:
+            return _metadata(grads) == self.metadata
+        try:
+            return self.guard.check(*grads)
+        except Exception:  # noqa: BLE001 - a grad it cannot read: the checked path's error
+            return False
 
 
 class SteadyStep:
@@ -98,7 +125,7 @@ class SteadyStep:
         self.sharded = any(map(_distributed.is_dtensor, flat))
         # every param a DTensor (FSDP2): their local shards by a C-level attribute read
         self.all_sharded = self.sharded and all(map(_distributed.is_dtensor, flat))
-        self.param_ptrs = list(map(Tensor.data_ptr, self._locals(flat)))
+        self.param_ptrs = self._param_ptrs()
         self.state_table = optimizer.state
         self.epoch = EPOCH[0]
 
@@ -114,8 +141,6 @@ class SteadyStep:
         self.n_triton = len(plan.triton_buckets)
         bounds = np.cumsum([0] + [len(bucket.members) for bucket in buckets])
         self.bounds = [(int(a), int(b)) for a, b in zip(bounds[:-1], bounds[1:])]
-        # complex grads may arrive as lazy conjugates, which the checked path resolves
-        self.complex_members = [i for i, m in enumerate(members) if m.dtype.is_complex]
         if self.sharded:
             self.param_specs = [getattr(m.param, "_spec", None) for m in members]
 
@@ -128,17 +153,19 @@ class SteadyStep:
         self.usable = shards is not None
         if not self.usable:
             return
-        self.grad_ptrs = list(map(Tensor.data_ptr, shards))
-        self.metadata = _metadata(shards)
-        # where a grad's contiguity does not pin its layout: compare its strides
-        self.strided = [i for i, (m, shard) in enumerate(zip(members, shards))
-                        if not (m.flat_param.is_contiguous() and shard.is_contiguous())]
-        self.new_grad_metadata = _new_grad_metadata(shards, self.strided)
+        self.grad_ptrs = np.fromiter(map(Tensor.data_ptr, shards), dtype=np.int64,
+                                     count=len(shards))
+        self.grad_check = _GradCheck(shards)
         # grads laid out unlike their params are copied at every step, as the checked path does
         kernel = [g for grads in bucket_grads for g in grads]
         self.copied = [i for i, (shard, used) in enumerate(zip(shards, kernel))
                        if used is not shard]
         self.members = members
+
+    def _param_ptrs(self) -> list:
+        """Every param's (local shard's) address, in the groups' order."""
+        params = chain.from_iterable(self.param_lists)
+        return list(map(Tensor.data_ptr, self._locals(params) if self.sharded else params))
 
     def _locals(self, tensors):
         if not self.sharded:
@@ -179,12 +206,11 @@ class SteadyStep:
         for group, params, flags in zip(groups, self.param_lists, self.flags):
             if group["params"] is not params or group_flags(group) != flags:
                 return None
-        flat = list(chain.from_iterable(self.param_lists))
-        if len(flat) != self.n_params:
+        grads = list(map(_GRAD, chain.from_iterable(self.param_lists)))
+        if len(grads) != self.n_params:
             return None
-        grads = list(map(_GRAD, flat))
         same_objects = all(map(is_, map(_DEREF, self.grad_refs), grads))
-        if list(map(Tensor.data_ptr, self._locals(flat))) != self.param_ptrs:
+        if self._param_ptrs() != self.param_ptrs:
             return None  # a param moved (.data =, .to(), a resharded DTensor)
         if not same_objects and self.no_grad_positions and list(
                 map(grads.__getitem__, self.no_grad_positions)).count(None) != len(
@@ -195,44 +221,36 @@ class SteadyStep:
             shards = self._grad_shards(member_grads)
             if shards is None:
                 return None
-            ptrs = list(map(Tensor.data_ptr, shards))
+            ptrs = np.fromiter(map(Tensor.data_ptr, shards), dtype=np.int64, count=len(shards))
         except (TypeError, RuntimeError):
             return None  # a grad went missing (None), or has no storage (sparse)
-        moved = ptrs != self.grad_ptrs
-        if not same_objects:
-            if _new_grad_metadata(shards, self.strided) != self.new_grad_metadata:
+        moved = not np.array_equal(ptrs, self.grad_ptrs)
+        if not same_objects or moved:
+            if not self.grad_check.matches(shards):
                 return None
-            # new grad objects at every step (zero_grad(set_to_none=True)) are the usual
-            # case: referencing each new set costs an allocation per grad, so only every
-            # REFERENCE_EVERY steps look again for grads that stay (set_to_none=False)
-            self.new_grad_steps += 1
-            if self.new_grad_steps % REFERENCE_EVERY == 0:
-                self.grad_refs = _grad_refs(grads, bool(self.no_grad_positions))
-        elif moved and _metadata(shards) != self.metadata:
-            return None
+            if not same_objects:
+                # new grad objects at every step (zero_grad(set_to_none=True)) are the usual
+                # case: referencing each new set costs an allocation per grad, so only every
+                # REFERENCE_EVERY steps look again for grads that stay (set_to_none=False)
+                self.new_grad_steps += 1
+                if self.new_grad_steps % REFERENCE_EVERY == 0:
+                    self.grad_refs = _grad_refs(grads, bool(self.no_grad_positions))
         self.grad_ptrs = ptrs
-        if self.complex_members and any(map(Tensor.is_conj, map(
-                shards.__getitem__, self.complex_members))):
-            return None
-        kernel_grads = shards
+        kernel_grads, kernel_ptrs = shards, ptrs
         if self.copied:
-            kernel_grads = list(shards)
+            # grads laid out unlike their params: a copy in the param's layout, every step
+            kernel_grads, kernel_ptrs, moved = list(shards), ptrs.copy(), True
             for i in self.copied:
-                member = self.members[i]
-                copy = torch.empty_like(member.flat_param if not member.dtype.is_complex
-                                        else _distributed.local(member.param),
-                                        dtype=shards[i].dtype)
-                kernel_grads[i] = copy.copy_(shards[i])
-            moved = True
-            ptrs = list(map(Tensor.data_ptr, kernel_grads))
+                like = _distributed.local(self.members[i].param)
+                kernel_grads[i] = torch.empty_like(like, dtype=shards[i].dtype).copy_(shards[i])
+                kernel_ptrs[i] = kernel_grads[i].data_ptr()
         per_bucket = [kernel_grads[a:b] for a, b in self.bounds] if len(self.bounds) > 1 \
             else [kernel_grads]
-        return per_bucket, (ptrs if moved else None)
+        return per_bucket, (kernel_ptrs if moved else None)
 
     def point_buckets(self, plan, ptrs) -> None:
         """Upload the moved grad addresses into each triton bucket's grad table."""
         if ptrs is None:
             return
-        ptrs = np.array(ptrs, dtype=np.int64)
         for bucket, (a, b) in zip(plan.triton_buckets, self.bounds[:self.n_triton]):
             bucket.prepare_pointers(ptrs[a:b])

@@ -93,11 +93,15 @@ def _timed_steps(opt, params, config: HostBenchConfig, fresh: bool):
     return first, statistics.median(cpu), statistics.median(wall)
 
 
-def measure(config: HostBenchConfig) -> dict:
-    """Run every mode and torch fused in this process (launches stubbed): a JSON-able record.
+TORCH_FUSED = "torch fused (whole CPU step)"
 
-    Must run in a process of its own with ``TRITON_INTERPRET=1`` set before triton's import;
-    ``run`` spawns one.
+
+def measure(config: HostBenchConfig, mode: str) -> dict:
+    """One row: ``mode``'s steps (launches stubbed), or torch fused's (``mode`` TORCH_FUSED).
+
+    Must run in a process of its own with ``TRITON_INTERPRET=1`` set before triton's import
+    (``run`` spawns one per row: in a process that already stepped another model the heap is
+    laid out otherwise, and the same step measured 10-30% slower there).
     """
     import torch
 
@@ -108,40 +112,43 @@ def measure(config: HostBenchConfig) -> dict:
     torch.set_num_threads(1)
     _stub_launches()
     torch.manual_seed(0)
-    rows = []
     n = config.tensors
-    reference = [torch.nn.Parameter(torch.randn(config.numel)) for _ in range(n)]
-    fused = torch.optim.AdamW(reference, lr=1e-3, fused=True)
-    first, cpu, wall = _timed_steps(fused, reference, config, fresh=False)
-    torch_row = {"provider": "torch fused (whole CPU step)", "mode": "same grads",
-                 "first_us_per_tensor": 1e6 * first / n, "us_per_tensor": 1e6 * cpu / n,
-                 "wall_us_per_tensor": 1e6 * wall / n}
-    for mode in config.modes:
+    if mode == TORCH_FUSED:
+        params = [torch.nn.Parameter(torch.randn(config.numel)) for _ in range(n)]
+        opt = torch.optim.AdamW(params, lr=1e-3, fused=True)
+        provider, fresh, mode = mode, False, "same grads"
+    else:
         options = _options(mode)
         dtype = options.pop("dtype", torch.float32)
         params = [torch.nn.Parameter(torch.randn(config.numel, dtype=dtype)) for _ in range(n)]
         opt = triton_adam.AdamW(params, lr=1e-3, backend="triton", **options)
-        first, cpu, wall = _timed_steps(opt, params, config, fresh=mode != "same grads")
-        rows.append({"provider": "triton-adam (launches stubbed)", "mode": mode,
-                     "first_us_per_tensor": 1e6 * first / n, "us_per_tensor": 1e6 * cpu / n,
-                     "wall_us_per_tensor": 1e6 * wall / n})
-    rows.append(torch_row)
-    for row in rows:
-        row["torch_fused_over_this"] = torch_row["us_per_tensor"] / row["us_per_tensor"]
-    return {"config": dict(asdict(config), modes=list(config.modes), device="cpu",
-                           timer="thread_time", threads=1),
-            "results": rows}
+        provider, fresh = "triton-adam (launches stubbed)", mode != "same grads"
+    first, cpu, wall = _timed_steps(opt, params, config, fresh=fresh)
+    return {"provider": provider, "mode": mode, "first_us_per_tensor": 1e6 * first / n,
+            "us_per_tensor": 1e6 * cpu / n, "wall_us_per_tensor": 1e6 * wall / n}
 
 
-def run(config: HostBenchConfig, timeout_s: float = 900.0) -> dict:
+def _measure_apart(config: HostBenchConfig, mode: str, timeout_s: float) -> dict:
     """``measure`` in a fresh interpreter (stubbed launches, interpreter flag), bounded."""
     env = dict(os.environ, TRITON_INTERPRET="1")
     code = ("import json, sys\n"
             "from triton_adam.bench.host import HostBenchConfig, measure\n"
             "config = HostBenchConfig(**json.loads(sys.argv[1]))\n"
-            "print(json.dumps(measure(config)))\n")
-    done = subprocess.run([sys.executable, "-c", code, json.dumps(asdict(config))], env=env,
-                          capture_output=True, text=True, timeout=timeout_s)
+            "print(json.dumps(measure(config, sys.argv[2])))\n")
+    done = subprocess.run([sys.executable, "-c", code, json.dumps(asdict(config)), mode],
+                          env=env, capture_output=True, text=True, timeout=timeout_s)
     if done.returncode != 0:
-        raise RuntimeError(f"the host benchmark failed:\n{done.stderr[-4000:]}")
+        raise RuntimeError(f"the host benchmark ({mode}) failed:\n{done.stderr[-4000:]}")
     return json.loads(done.stdout.strip().splitlines()[-1])
+
+
+def run(config: HostBenchConfig, timeout_s: float = 600.0) -> dict:
+    """Every mode and torch fused, each in a process of its own: a JSON-able record."""
+    rows = [_measure_apart(config, mode, timeout_s) for mode in config.modes]
+    torch_row = _measure_apart(config, TORCH_FUSED, timeout_s)
+    rows.append(torch_row)
+    for row in rows:
+        row["torch_fused_over_this"] = torch_row["us_per_tensor"] / row["us_per_tensor"]
+    return {"config": dict(asdict(config), modes=list(config.modes), device="cpu",
+                           timer="thread_time", threads=1, process_per_row=True),
+            "results": rows}
