@@ -8,7 +8,7 @@ import torch
 
 import triton_adam
 from conftest import DEVICE_BACKENDS
-from interpreter_faults import skip_if_fma_rounds_twice
+from interpreter_faults import fma_rounds_twice, skip_if_fma_rounds_twice
 from triton_adam import _precision
 
 FLAGS = list(itertools.product([False, True], [False, True], [0.0, 0.1], ["Adam", "AdamW"]))
@@ -275,8 +275,11 @@ def test_a_checkpoint_with_a_master_loads_into_float32_params_as_torch_loads_it(
         ours.grad, theirs.grad = grad, grad.clone()
         opt2.step()
         ref.step()
-    torch.testing.assert_close(ours, theirs, rtol=1e-6, atol=1e-7)
+    # (triton 3.6's interpreter rounds its fma twice: a few ulps, not torch's bits)
+    loose = backend == "triton" and fma_rounds_twice()
+    rtol = 3e-5 if loose else 1e-6
+    torch.testing.assert_close(ours, theirs, rtol=rtol, atol=1e-7)
     assert set(opt2.state[ours]) == {"step", "exp_avg", "exp_avg_sq"}
     for key in ("exp_avg", "exp_avg_sq"):
-        torch.testing.assert_close(opt2.state[ours][key], ref.state[theirs][key], rtol=1e-6,
-                                   atol=1e-9)
+        torch.testing.assert_close(opt2.state[ours][key], ref.state[theirs][key], rtol=rtol,
+                                   atol=1e-8 if loose else 1e-9)
