@@ -133,9 +133,7 @@ class SteadyStep:
         buckets = plan.triton_buckets + plan.torch_buckets
         members = [m for bucket in buckets for m in bucket.members]
         positions = [int(first[m.group_index]) + m.position for m in members]
-        self.in_flat_order = positions == list(range(self.n_params))
-        self.positions = positions
-        self.take = (None if self.in_flat_order
+        self.take = (None if positions == list(range(self.n_params))
                      else (lambda grads, index=positions: list(map(grads.__getitem__, index))))
         self.no_grad_positions = sorted(set(range(self.n_params)) - set(positions))
         self.n_triton = len(plan.triton_buckets)
@@ -165,7 +163,9 @@ class SteadyStep:
     def _param_ptrs(self) -> list:
         """Every param's (local shard's) address, in the groups' order."""
         params = chain.from_iterable(self.param_lists)
-        return list(map(Tensor.data_ptr, self._locals(params) if self.sharded else params))
+        if self.sharded:  # a list: _locals may read it twice
+            params = self._locals(list(params))
+        return list(map(Tensor.data_ptr, params))
 
     def _locals(self, tensors):
         if not self.sharded:
