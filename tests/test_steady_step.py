@@ -6,6 +6,8 @@ Each test runs STEADY steps that must all take the steady path (counted), then c
 and checks the next step: the clear error naming the param, or the checked path's rebuild and
 torch's numbers.
 """
+import copy
+
 import pytest
 import torch
 
@@ -174,6 +176,69 @@ def test_moved_param_after_steady_steps_is_updated_where_it_is_now(backend, chec
     params[2].data = params[2].data.clone()  # as module.to() moves params
     _step_both(params, reference, ours, theirs)
     _assert_match(params, reference)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_same_grad_objects_moved_after_steady_steps_are_read_where_they_are_now(
+        backend, checked_steps):
+    # the same grad objects (set_to_none=False), one given new memory past the .grad setter:
+    # the identity check passes, so the address check must still see it
+    params, reference, ours, theirs = _pair(backend)
+    _run_steady(params, reference, ours, theirs, checked_steps, fresh=False)
+    kept = [p.grad for p in params]
+    grads = [torch.randn_like(p) for p in params]
+    for p, q, g in zip(params, reference, grads):
+        p.grad.copy_(g)
+        q.grad.copy_(g)
+    old = params[1].grad.data
+    params[1].grad.data = old.clone()
+    old.fill_(float("nan"))  # what a stale address would read
+    ours.step()
+    theirs.step()
+    assert all(p.grad is k for p, k in zip(params, kept))
+    _assert_match(params, reference)
+    _step_both(params, reference, ours, theirs, fresh=False)  # and steady at the new address
+    _assert_match(params, reference)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_two_sets_of_live_grads_taking_turns_give_torchs_numbers(backend, checked_steps):
+    # grad objects that stay alive elsewhere and come back: equal ids are the same objects,
+    # but the tables point at whichever set the last step used
+    params, reference, ours, theirs = _pair(backend)
+    sets = [[torch.randn_like(p) for p in params] for _ in range(2)]
+    before = len(checked_steps)
+    for i in range(3 * _steady_step.REFERENCE_EVERY + 5):
+        grads = sets[(i // 3) % 2]  # runs of three steps on each set
+        for g in grads:
+            g.copy_(torch.randn_like(g))
+        for p, q, g in zip(params, reference, grads):
+            p.grad, q.grad = g, g.clone()
+        ours.step()
+        theirs.step()
+        _assert_match(params, reference)
+    assert len(checked_steps) == before + 1
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_grads_from_backward_take_the_steady_path(backend, checked_steps):
+    # as in training: zero_grad(set_to_none=True), then autograd makes new grads
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Linear(6, 5), torch.nn.Tanh(), torch.nn.Linear(5, 3))
+    twin = copy.deepcopy(model)
+    ours = triton_adam.AdamW(model.parameters(), lr=0.01, weight_decay=0.1, backend=backend)
+    theirs = torch.optim.AdamW(twin.parameters(), lr=0.01, weight_decay=0.1, fused=True)
+    for i in range(STEADY + 1):
+        x = torch.randn(4, 6)
+        for m, opt in ((model, ours), (twin, theirs)):
+            opt.zero_grad(set_to_none=True)
+            m(x).square().sum().backward()
+            opt.step()
+        if i == 0:
+            before = len(checked_steps)
+    assert len(checked_steps) == before, "grads from a backward took the checked path"
+    for p, q in zip(model.parameters(), twin.parameters()):
+        torch.testing.assert_close(p, q, **TOLERANCE)
 
 
 @pytest.mark.parametrize("backend", BACKENDS)

@@ -250,6 +250,7 @@ class TritonBucket:
         # and need no promise)
         addresses = table[:n, [int(c) for c in columns]]
         self.nonempty = np.array([m.numel > 0 for m in members], dtype=bool)
+        self.any_empty = not self.nonempty.all()
         # per member: its own tensors are 16-byte aligned (empty ones take no block anyway)
         self.member_aligned = ~(addresses % ALIGNMENT).any(axis=1) | ~self.nonempty
         self.static_aligned = bool((self.member_aligned & self.nonempty).any())
@@ -286,7 +287,8 @@ class TritonBucket:
         """Point the grad table at these grad addresses, in member order (an upload only if
         they moved)."""
         n = len(self.members)
-        ptrs = np.where(self.nonempty, ptrs, 0)  # an empty grad's address is never read
+        if self.any_empty:  # an empty grad's address is never read
+            ptrs = np.where(self.nonempty, ptrs, 0)
         if self.grad_ptrs is None or not np.array_equal(ptrs, self.grad_ptrs):
             if self.device.type == "cuda" and torch.cuda.is_current_stream_capturing() \
                     and self.grad_ptrs is not None:
@@ -295,7 +297,7 @@ class TritonBucket:
                     "step eagerly once with the same grads (static grads) before capturing")
             upload(torch.from_numpy(ptrs), self.grad_table[:n], self._keep_alive)
             self.grad_ptrs = ptrs
-            pattern = self.member_aligned & (ptrs % ALIGNMENT == 0)
+            pattern = self.member_aligned & ((ptrs & (ALIGNMENT - 1)) == 0)
             if self.aligned_pattern is None or not np.array_equal(pattern,
                                                                   self.aligned_pattern):
                 self._regroup(pattern)

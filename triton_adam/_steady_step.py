@@ -7,10 +7,11 @@ grads' contents, and often in the grads' objects and addresses (``zero_grad(set_
 
 * the param groups' lists and flags, and every param's (local) address;
 * that no state dict changed (``_tracked_state.EPOCH``: O(1), whatever the number of tensors);
-* the grads: the same objects as last step (weak references, so a freed grad is never kept
-  alive) at the same addresses; or, for moved or new grad objects, the same dtypes, devices,
-  layouts, sizes and strides as the checked ones (dynamo's C++ tensor guard, one call for all
-  of them; without it, one C-level pass per property).
+* the grads: the same objects as last step (their ids, which name them while weak references
+  to them report no death, so a freed grad is never kept alive) at the same addresses; or, for
+  moved or new grad objects, the same dtypes, devices, layouts, sizes and strides as the
+  checked ones (dynamo's C++ tensor guard, one call for all of them; without it, one C-level
+  pass per property).
 
 Each comparison is one pass over a list in C (``list(map(...))`` and ``==`` on lists of ints
 and interned objects), never a Python call per tensor. Anything that differs sends the step to
@@ -24,7 +25,7 @@ count at every step.
 from __future__ import annotations
 
 import weakref
-from itertools import chain
+from itertools import chain, repeat
 from operator import attrgetter, is_
 
 import numpy as np
@@ -38,17 +39,6 @@ _GRAD = attrgetter("grad")
 _LOCAL = attrgetter("_local_tensor")
 _SPEC = attrgetter("_spec")
 _DTYPE = attrgetter("dtype")
-_DEREF = weakref.ref.__call__
-
-
-def _dead_ref():
-    """A weak reference whose referent is gone: it returns None, like a missing grad."""
-    class Gone:
-        pass
-    return weakref.ref(Gone())
-
-
-_NO_GRAD = _dead_ref()
 # while the grads are new objects at every step, how often to take references to them anew
 REFERENCE_EVERY = 16
 
@@ -63,11 +53,29 @@ def group_flags(group: dict) -> tuple:
             bool(group.get("differentiable", False)))
 
 
-def _grad_refs(grads, any_missing: bool) -> list:
-    """Weak references to the grads (a dead one where a grad is None)."""
-    if not any_missing:
-        return list(map(weakref.ref, grads))
-    return [_NO_GRAD if grad is None else weakref.ref(grad) for grad in grads]
+class _GradObjects:
+    """Which grad objects a step saw (None where a param had none), recognised again by one
+    pass of ``id``.
+
+    An id names one object only while that object lives, so each grad is weakly referenced
+    with a callback that records its death (``list.append``: C, no Python frame). While no
+    referent has died, equal ids are the same objects; once one has (a freed grad, as after
+    ``zero_grad(set_to_none=True)``) the answer is "not the same" without a pass. The weak
+    references keep no grad alive."""
+
+    def __init__(self, grads, any_missing: bool):
+        self.deaths = []
+        note = self.deaths.append
+        if any_missing:
+            self.refs = [None if grad is None else weakref.ref(grad, note) for grad in grads]
+        else:
+            self.refs = list(map(weakref.ref, grads, repeat(note)))
+        self.ids = list(map(id, grads))
+
+    def same(self, grads) -> bool:
+        if self.deaths or (grads and id(grads[0]) != self.ids[0]):
+            return False  # (the first grad new: a quick no, as at every step of fresh grads)
+        return list(map(id, grads)) == self.ids
 
 
 def _metadata(grads) -> tuple:
@@ -144,15 +152,16 @@ class SteadyStep:
 
         grads = list(map(_GRAD, flat))
         member_grads = self._members(grads)
-        self.grad_refs = _grad_refs(grads, bool(self.no_grad_positions))
+        self.objects = _GradObjects(grads, bool(self.no_grad_positions))
         self.new_grad_steps = 0
         shards = self._grad_shards(member_grads)
         # grads to redistribute (or plain and DTensor params mixed): always the checked path
         self.usable = shards is not None
         if not self.usable:
             return
-        self.grad_ptrs = np.fromiter(map(Tensor.data_ptr, shards), dtype=np.int64,
-                                     count=len(shards))
+        # the addresses of self.objects' shards, and whether the tables point there now
+        self.object_ptrs = list(map(Tensor.data_ptr, shards))
+        self.tables_at_objects = True
         self.grad_check = _GradCheck(shards)
         # grads laid out unlike their params are copied at every step, as the checked path does
         kernel = [g for grads in bucket_grads for g in grads]
@@ -209,7 +218,7 @@ class SteadyStep:
         grads = list(map(_GRAD, chain.from_iterable(self.param_lists)))
         if len(grads) != self.n_params:
             return None
-        same_objects = all(map(is_, map(_DEREF, self.grad_refs), grads))
+        same_objects = self.objects.same(grads)
         if self._param_ptrs() != self.param_ptrs:
             return None  # a param moved (.data =, .to(), a resharded DTensor)
         if not same_objects and self.no_grad_positions and list(
@@ -221,32 +230,46 @@ class SteadyStep:
             shards = self._grad_shards(member_grads)
             if shards is None:
                 return None
-            ptrs = np.fromiter(map(Tensor.data_ptr, shards), dtype=np.int64, count=len(shards))
+            if same_objects:  # compared as a list: no array unless they moved
+                ptr_list, ptrs = list(map(Tensor.data_ptr, shards)), None
+            else:
+                ptrs = np.fromiter(map(Tensor.data_ptr, shards), dtype=np.int64,
+                                   count=len(shards))
         except (TypeError, RuntimeError):
             return None  # a grad went missing (None), or has no storage (sparse)
-        moved = not np.array_equal(ptrs, self.grad_ptrs)
-        if not same_objects or moved:
+        if same_objects:
+            moved = ptr_list != self.object_ptrs
+            if moved:  # the same grad objects in new memory (.data =): checked again
+                if not self.grad_check.matches(shards):
+                    return None
+                self.object_ptrs = ptr_list
+            if moved or not self.tables_at_objects:
+                ptrs = np.array(ptr_list, dtype=np.int64)
+        else:
             if not self.grad_check.matches(shards):
                 return None
-            if not same_objects:
-                # new grad objects at every step (zero_grad(set_to_none=True)) are the usual
-                # case: referencing each new set costs an allocation per grad, so only every
-                # REFERENCE_EVERY steps look again for grads that stay (set_to_none=False)
-                self.new_grad_steps += 1
-                if self.new_grad_steps % REFERENCE_EVERY == 0:
-                    self.grad_refs = _grad_refs(grads, bool(self.no_grad_positions))
-        self.grad_ptrs = ptrs
-        kernel_grads, kernel_ptrs = shards, ptrs
+            # new grad objects at every step (zero_grad(set_to_none=True)) are the usual case:
+            # referencing each new set costs an allocation per grad, so only every
+            # REFERENCE_EVERY steps look again for grads that stay (set_to_none=False)
+            self.new_grad_steps += 1
+            if self.new_grad_steps % REFERENCE_EVERY == 0:
+                self.objects = _GradObjects(grads, bool(self.no_grad_positions))
+                self.object_ptrs = ptrs.tolist()
+                same_objects = True  # the tables are about to point at them
+        self.tables_at_objects = same_objects
+        kernel_grads = shards
         if self.copied:
             # grads laid out unlike their params: a copy in the param's layout, every step
-            kernel_grads, kernel_ptrs, moved = list(shards), ptrs.copy(), True
+            if ptrs is None:
+                ptrs = np.array(ptr_list, dtype=np.int64)
+            kernel_grads, ptrs = list(shards), ptrs.copy()
             for i in self.copied:
                 like = _distributed.local(self.members[i].param)
                 kernel_grads[i] = torch.empty_like(like, dtype=shards[i].dtype).copy_(shards[i])
-                kernel_ptrs[i] = kernel_grads[i].data_ptr()
+                ptrs[i] = kernel_grads[i].data_ptr()
         per_bucket = [kernel_grads[a:b] for a, b in self.bounds] if len(self.bounds) > 1 \
             else [kernel_grads]
-        return per_bucket, (kernel_ptrs if moved else None)
+        return per_bucket, ptrs
 
     def point_buckets(self, plan, ptrs) -> None:
         """Upload the moved grad addresses into each triton bucket's grad table."""
