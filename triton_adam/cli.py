@@ -267,13 +267,16 @@ def cmd_bench_host(args: argparse.Namespace) -> int:
                              f"{config.numel} elements (thread CPU time, median of "
                              f"{config.repeats} steps)",
                        caption="triton-adam with its launches stubbed (the host's share of a GPU "
-                               "step); torch fused: its whole CPU step, kernel work included")
+                               "step); torch fused: its whole CPU step, kernel work included; "
+                               "like for like: torch fused given the same kind of grads (same, "
+                               "fresh or from a backward) as the row")
     for col in ("provider", "mode", "µs / tensor", "first step µs / tensor",
-                "torch fused / this"):
+                "torch fused (same grads) / this", "like for like"):
         table.add_column(col, justify="left" if col in ("provider", "mode") else "right")
     for r in record["results"]:
         table.add_row(r["provider"], r["mode"], f"{r['us_per_tensor']:.3f}",
-                      f"{r['first_us_per_tensor']:.1f}", f"{r['torch_fused_over_this']:.1f}x")
+                      f"{r['first_us_per_tensor']:.1f}", f"{r['torch_fused_over_this']:.1f}x",
+                      f"{r['like_for_like_torch_fused_over_this']:.1f}x")
     _console().print(table)
     if args.json:
         with open(args.json, "w") as f:
