@@ -619,3 +619,36 @@ def test_host_bench_rows_time_the_stubbed_step_and_torch_fused():
     for row in (ours, backward, theirs):
         assert 0 < row["us_per_tensor"] < row["first_us_per_tensor"] * 50
         assert row["wall_us_per_tensor"] > 0
+
+
+def test_host_bench_run_takes_each_rows_median_and_compares_like_with_like(monkeypatch):
+    """bench --host's record: a row's figure is the median of its processes' medians, run in
+    rounds over every row; each row is compared with torch fused given the same grads and
+    with torch fused given the same kind of grads (clip, skip and lean make fresh ones)."""
+    from triton_adam.bench import host
+
+    base = {"same grads": 1.0, "fresh grads": 2.0, "backward grads": 4.0, "fused clip": 2.5,
+            "skip_nonfinite": 2.2, "lean": 3.0}
+    order = []
+
+    def fake(config, mode, timeout_s, torch_fused=False):
+        order.append((mode, torch_fused))
+        value = base[mode] * (10.0 if torch_fused else 1.0) * (1.0, 1.5, 0.9)[
+            sum(1 for job in order if job == (mode, torch_fused)) - 1]
+        provider = host.TORCH_FUSED if torch_fused else "ours"
+        return {"provider": provider, "mode": mode, "first_us_per_tensor": 100.0 * value,
+                "us_per_tensor": value, "wall_us_per_tensor": value}
+
+    monkeypatch.setattr(host, "_measure_apart", fake)
+    record = host.run(host.HostBenchConfig(rounds=3))
+    jobs = len(host.MODES) + len(host.TORCH_MODES)
+    assert len(order) == 3 * jobs and order[:jobs] == order[jobs:2 * jobs]  # rounds
+    rows = {(r["provider"], r["mode"]): r for r in record["results"]}
+    clip = rows["ours", "fused clip"]
+    assert clip["us_per_tensor"] == pytest.approx(2.5)  # median of 2.5, 3.75, 2.25
+    assert clip["us_per_tensor_per_process"] == pytest.approx([2.5, 3.75, 2.25])
+    assert clip["torch_fused_over_this"] == pytest.approx(10.0 / 2.5)
+    assert clip["like_for_like_torch_fused_over_this"] == pytest.approx(20.0 / 2.5)
+    backward = rows["ours", "backward grads"]
+    assert backward["like_for_like_torch_fused_over_this"] == pytest.approx(10.0)
+    assert rows[host.TORCH_FUSED, "fresh grads"]["like_for_like_torch_fused_over_this"] == 1.0

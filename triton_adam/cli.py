@@ -260,12 +260,13 @@ def cmd_bench_host(args: argparse.Namespace) -> int:
 
     config = HostBenchConfig(tensors=1024 if args.quick else 4096,
                              warmup=1 if args.quick else 3,
-                             repeats=max(args.steps or (20 if args.quick else 30), 20))
+                             repeats=max(args.steps or (20 if args.quick else 30), 20),
+                             rounds=1 if args.quick else 3)
     record = run(config)
     record["run"] = env.run_metadata(torch.device("cpu"))
     table = make_table(title=f"step() host time: {config.tensors} float32 tensors of "
                              f"{config.numel} elements (thread CPU time, median of "
-                             f"{config.repeats} steps)",
+                             f"{config.repeats} steps, median of {config.rounds} processes)",
                        caption="triton-adam with its launches stubbed (the host's share of a GPU "
                                "step); torch fused: its whole CPU step, kernel work included; "
                                "like for like: torch fused given the same kind of grads (same, "
@@ -354,8 +355,9 @@ def build_parser() -> argparse.ArgumentParser:
                         "processes, ours (launches stubbed) vs torch fused on the same model")
     b.add_argument("--host", action="store_true",
                    help="instead: host time of step() per tensor (launches stubbed) for each "
-                        "mode (same/fresh grads, fused clip, skip_nonfinite, compact master + "
-                        "int8), beside torch fused's whole CPU step; any machine")
+                        "mode (same/fresh/backward grads, fused clip, skip_nonfinite, compact "
+                        "master + int8), beside torch fused's whole CPU step with same, fresh "
+                        "and backward grads; 3 processes a row (--quick: 1); any machine")
     b.add_argument("--threads", type=int, help="torch CPU threads (a busy machine times far more "
                                                "steadily with 1)")
     precision = b.add_mutually_exclusive_group()

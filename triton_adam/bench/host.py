@@ -58,6 +58,10 @@ class HostBenchConfig:
     warmup: int = 3
     repeats: int = 30
     modes: tuple = MODES
+    # processes per row, in rounds over all rows (a drift of the machine's speed falls on
+    # every row alike); a row's figure is the median of its processes' medians: on the 2-core
+    # VM one process's median of 30 steps varied by up to 25% between processes
+    rounds: int = 3
 
 
 def _options(mode: str) -> dict:
@@ -173,11 +177,26 @@ def _measure_apart(config: HostBenchConfig, mode: str, timeout_s: float,
     return json.loads(done.stdout.strip().splitlines()[-1])
 
 
+def _median_row(samples: list) -> dict:
+    """One row from its processes' rows: the median of each figure, every sample kept."""
+    row = dict(samples[0])
+    for key in ("first_us_per_tensor", "us_per_tensor", "wall_us_per_tensor"):
+        row[key] = statistics.median(sample[key] for sample in samples)
+    row["us_per_tensor_per_process"] = [sample["us_per_tensor"] for sample in samples]
+    return row
+
+
 def run(config: HostBenchConfig, timeout_s: float = 600.0) -> dict:
-    """Every mode, ours and torch fused's, each in a process of its own: a JSON-able record."""
-    rows = [_measure_apart(config, mode, timeout_s) for mode in config.modes]
-    torch_rows = {mode: _measure_apart(config, mode, timeout_s, torch_fused=True)
-                  for mode in TORCH_MODES}
+    """Every mode, ours and torch fused's, each in a process of its own (``config.rounds``
+    rounds of them): a JSON-able record."""
+    jobs = [(mode, False) for mode in config.modes] + [(mode, True) for mode in TORCH_MODES]
+    samples = {job: [] for job in jobs}
+    for _ in range(max(config.rounds, 1)):
+        for mode, torch_fused in jobs:
+            samples[mode, torch_fused].append(
+                _measure_apart(config, mode, timeout_s, torch_fused=torch_fused))
+    rows = [_median_row(samples[mode, False]) for mode in config.modes]
+    torch_rows = {mode: _median_row(samples[mode, True]) for mode in TORCH_MODES}
     rows += torch_rows.values()
     for row in rows:
         like = torch_rows[grads_kind(row["mode"])]
