@@ -90,6 +90,12 @@ def describe(group_index: int, position: int, param: Tensor) -> str:
 
 def is_dense(tensor: Tensor) -> bool:
     """True if the tensor's elements fill one run of memory exactly once, in any dim order."""
+    if tensor.is_contiguous():
+        return True
+    return _dense_in_some_order(tensor)
+
+
+def _dense_in_some_order(tensor: Tensor) -> bool:
     dims = sorted((stride, size) for size, stride in zip(tensor.shape, tensor.stride())
                   if size != 1)
     expected = 1
