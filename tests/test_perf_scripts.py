@@ -214,3 +214,16 @@ def test_each_dense_candidate_launches_as_set_and_gives_the_defaults_numbers(mon
         assert (warps, block, tile) in launched  # the aligned bucket
         assert all(w == warps and b == block for w, b, _ in launched)
     assert dense_tune.current() == default
+
+
+def test_host_floor_times_every_pass_for_each_kind_of_grads(tmp_path, capsys):
+    """perf/host_floor.py: each kind of grads in a process of its own, every pass timed."""
+    host_floor = _load("host_floor")
+    out = tmp_path / "floor.json"
+    assert host_floor.main(["--tensors", "64", "--repeats", "3", "--json", str(out)]) == 0
+    figures = json.loads(out.read_text())["ns_per_tensor"]
+    assert set(figures) == set(host_floor.KINDS)
+    for kind, passes in figures.items():
+        assert {"p.grad", "param data_ptr", "grad data_ptr", "tensor guard"} <= set(passes)
+        assert all(value > 0 for value in passes.values()), (kind, passes)
+    assert "backward grads" in capsys.readouterr().out
