@@ -243,11 +243,16 @@ def cmd_bench_fsdp2(args: argparse.Namespace) -> int:
     for r in record["results"]:
         table.add_row(r["provider"], f"{r['host_median_ms']:.2f}", f"{r['us_per_tensor']:.2f}",
                       f"{r['torch_fused_over_this']:.2f}x")
-    _console().print(table)
-    if args.json:
-        with open(args.json, "w") as f:
-            json.dump(record, f, indent=1)
+    _show_and_save(table, record, args.json)
     return 0
+
+
+def _show_and_save(table, record: dict, json_path) -> None:
+    """Print a host-time table; write its record as JSON where asked."""
+    _console().print(table)
+    if json_path:
+        with open(json_path, "w") as f:
+            json.dump(record, f, indent=1)
 
 
 def cmd_bench_host(args: argparse.Namespace) -> int:
@@ -278,10 +283,7 @@ def cmd_bench_host(args: argparse.Namespace) -> int:
         table.add_row(r["provider"], r["mode"], f"{r['us_per_tensor']:.3f}",
                       f"{r['first_us_per_tensor']:.1f}", f"{r['torch_fused_over_this']:.1f}x",
                       f"{r['like_for_like_torch_fused_over_this']:.1f}x")
-    _console().print(table)
-    if args.json:
-        with open(args.json, "w") as f:
-            json.dump(record, f, indent=1)
+    _show_and_save(table, record, args.json)
     return 0
 
 
